@@ -1,0 +1,78 @@
+"""``qi.compose``: build a pipeline from a registered recipe by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from qi_core.errors import InvalidInputError
+from qi_core.plugins import host
+
+
+def default_dtype(device: str) -> Any:
+    import torch
+
+    return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+
+
+def compose(name: str, model: str | os.PathLike | None = None, *, device: str = "cpu", torch_dtype: Any = None,
+            adapters: list[Any] | tuple[Any, ...] = (), memory: str | Any = "none",
+            downloader: Any = None, progress: bool = True) -> Any:  # fmt: skip
+    """Build the pipeline ``name`` (see ``qi pipelines``) with weights from ``model``.
+
+    ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
+    Hugging Face). Defaults to the recipe's own model id. ``adapters``: registered adapter names or
+    :class:`~qi_core.protocols.Adapter` instances, applied in order. ``memory``: a memory policy name.
+    """
+    import torch
+
+    from qi_core.loading import component_folder, resolve_model_root
+    from qi_core.pipeline import Pipeline
+
+    reg = host().registry
+    recipe = reg.get("pipeline", name).load()
+    dtype = torch_dtype or default_dtype(device)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidInputError(f"torch_dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    source = model if model is not None else recipe.model
+    if source is None:
+        raise InvalidInputError(f"pipeline {name!r} has no default model; pass model='folder or hub id'")
+    subfolders = [c.subfolder for c in recipe.components.values() if c.subfolder]
+    root = resolve_model_root(source, [*subfolders, "tokenizer", "scheduler"], downloader=downloader)
+
+    policy = reg.get("memory_policy", memory).load()() if isinstance(memory, str) else memory
+    components: dict[str, Any] = {}
+    roles = list(recipe.components.items())
+    bar = _bar(len(roles), f"loading {name}", progress)
+    for role, comp in roles:
+        if comp.subfolder is not None and not (Path(root) / comp.subfolder).is_dir() and not comp.required:
+            bar.update(1)
+            continue
+        folder = component_folder(Path(root), comp.subfolder) if comp.subfolder else Path(root)
+        factory = reg.get(comp.kind, comp.part).load()
+        obj = factory(root=Path(root), folder=folder, device="cpu", dtype=dtype)
+        components[role] = policy.attach(obj, device=device, dtype=dtype)
+        bar.update(1)
+    bar.close()
+
+    scheduler = reg.get("scheduler", recipe.scheduler).load()()
+    injectors = [reg.get("injector", n).load()() for n in recipe.injectors]
+    pipe = Pipeline(name, components, scheduler, injectors, device=device, dtype=dtype,
+                    defaults=dict(recipe.defaults), memory=policy, model=os.fspath(source))  # fmt: skip
+    for a in (*recipe.adapters, *adapters):
+        adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
+        adapter.apply(pipe)
+        pipe.adapters.append(adapter)
+    return pipe
+
+
+def get_scheduler(name: str) -> Any:
+    """A registered schedule by name, e.g. ``qi.get_scheduler("qwen-image")``."""
+    return host().registry.get("scheduler", name).load()()
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled or total <= 1, leave=False)

@@ -1,0 +1,153 @@
+"""The hook contracts between the qi core and its plugins.
+
+Every hook is a *registration* hook in the style of llm/datasette: the core calls it once per plugin, at
+plugin-load time, with a ``register`` callback. The plugin calls ``register(name, obj, ...)`` for each part it
+provides. The core owns the names and the collision rules; a plugin never mutates core state directly.
+
+Registration must stay cheap: ``qi plugins`` loads every plugin and calls every hook. Register *factories*
+(callables or ``"module:attribute"`` strings) and import torch models only inside them.
+
+The six part categories of a diffusion pipeline, plus the two that compose them:
+
+===========================  ================================================================================
+hook                         registers
+===========================  ================================================================================
+qi_register_encoders         text / image encoders and autoencoders (prompt → embeddings, image ↔ latents)
+qi_register_denoisers        denoisers (the DiT and its block types): DenoiseInput → velocity
+qi_register_injectors        conditioning injectors: add tokens, attention masks, residuals, modulation
+                             changes, initial latents or velocity blending to the generic loop
+qi_register_schedulers       sigma schedules (inference and training)
+qi_register_memory_policies  where weights live and when they move
+qi_register_training_tasks   losses and data steps for ``qi train``
+qi_register_adapters         weight adapters (LoRA-like) and named adapter bundles composable by name
+qi_register_pipelines        recipes: a named composition of the parts above
+===========================  ================================================================================
+
+The runtime protocols of the registered objects (what an injector's methods receive, what a denoiser is
+called with) are defined in :mod:`qi_core.protocols` and documented in ``docs/hooks.md``.
+
+Bump :data:`HOOK_API_VERSION` when a hook's signature changes incompatibly. A plugin declares the version it
+was written for as a module attribute ``QI_HOOK_API = N``; a plugin whose major version differs is reported
+as incompatible and skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+PROJECT = "qi"
+HOOK_API_VERSION = 1
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., Any]
+
+
+@hookspec
+def qi_register_encoders(register: Register) -> None:
+    """Register encoders: ``register(name, factory, *, role=...)``.
+
+    ``factory(folder, device, dtype, config)`` returns a loaded encoder object. ``role`` names the slot it
+    fills in a recipe (``"text_encoder"``, ``"vae"``, ``"image_encoder"`` …). A text encoder implements
+    :class:`qi_core.protocols.TextEncoder`; an autoencoder implements :class:`qi_core.protocols.Autoencoder`.
+    Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_denoisers(register: Register) -> None:
+    """Register denoisers: ``register(name, factory)``.
+
+    ``factory(folder, device, dtype, config)`` returns an object implementing
+    :class:`qi_core.protocols.Denoiser` (called with a :class:`qi_core.protocols.DenoiseInput`, returns the
+    velocity of the target latents). Block types the denoiser is built from are part of the denoiser.
+    Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_injectors(register: Register) -> None:
+    """Register conditioning injectors: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.Injector`: it declares the call
+    parameters it consumes and takes part in the generic loop (prepare, prompt inputs, initial latents, extra
+    image/text tokens and attention masks, per-block residuals, velocity blending).
+    Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_schedulers(register: Register) -> None:
+    """Register sigma schedules: ``register(name, factory)``.
+
+    ``factory()`` returns an object with ``schedule(num_inference_steps, *, height, width,
+    denoising_strength=1.0, exponential_shift_mu=None) -> (sigmas, timesteps)`` and
+    ``training_schedule(num_train_timesteps) -> (sigmas, timesteps, weights)`` (1-D float32 tensors).
+    Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_memory_policies(register: Register) -> None:
+    """Register memory policies: ``register(name, factory)``.
+
+    ``factory(**settings)`` returns an object implementing :class:`qi_core.protocols.MemoryPolicy`:
+    it places a loaded model (``attach``) and wraps each use of it (``use`` context manager), deciding where
+    the weights live between calls. Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_training_tasks(register: Register) -> None:
+    """Register training tasks: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.TrainingTask` (``loss(pipe,
+    batch, generator) -> Tensor``). Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_adapters(register: Register) -> None:
+    """Register adapters: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.Adapter`; ``apply(pipe)`` changes
+    a built pipeline (fuse or attach weights, add injectors, change defaults). Composable by name through
+    ``qi.compose(..., adapters=[name, ...])``. Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_pipelines(register: Register) -> None:
+    """Register recipes: ``register(recipe)`` with a :class:`qi_core.recipe.Recipe`.
+
+    A recipe names the parts (by their registered names), the default model id, the call defaults and the
+    model ids it serves. Called once per plugin at load time.
+    """
+
+
+HOOKS: tuple[str, ...] = (
+    "qi_register_encoders",
+    "qi_register_denoisers",
+    "qi_register_injectors",
+    "qi_register_schedulers",
+    "qi_register_memory_policies",
+    "qi_register_training_tasks",
+    "qi_register_adapters",
+    "qi_register_pipelines",
+)
+
+# hook name -> registry kind it fills
+HOOK_KINDS: dict[str, str] = {
+    "qi_register_encoders": "encoder",
+    "qi_register_denoisers": "denoiser",
+    "qi_register_injectors": "injector",
+    "qi_register_schedulers": "scheduler",
+    "qi_register_memory_policies": "memory_policy",
+    "qi_register_training_tasks": "training_task",
+    "qi_register_adapters": "adapter",
+    "qi_register_pipelines": "pipeline",
+}

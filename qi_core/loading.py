@@ -1,0 +1,231 @@
+"""Model files: the official folder layout, safetensors weights, hub ids, and the seed's ModelConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qi_core.errors import DownloadError, MissingComponentError, ModelLoadError, WeightMismatchError
+
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
+
+
+class ModelConfig(BaseModel):
+    """One model's files and placement, mirroring the seed's ``ModelConfig``.
+
+    Either ``path`` (a file, a list of shard files, or a folder) or ``model_id`` (+ ``origin_file_pattern``).
+    The ``*_dtype`` / ``*_device`` fields are read by memory policies.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    path: str | list[str] | None = None  # local file, shards, or folder
+    model_id: str | None = None  # hub id, e.g. "Qwen/Qwen-Image"
+    origin_file_pattern: str | list[str] | None = None  # glob inside the repository, e.g. "transformer/"
+    download_source: str | None = None  # "modelscope" (default) or "huggingface"
+    local_model_path: str | None = None  # where downloads go (default ./models)
+    skip_download: bool | None = None  # only use files already on disk
+    offload_dtype: Any = None
+    offload_device: Any = None
+    onload_dtype: Any = None
+    onload_device: Any = None
+    preparing_dtype: Any = None
+    preparing_device: Any = None
+    computation_dtype: Any = None
+    computation_device: Any = None
+    memory: str | None = Field(default=None, description="memory policy name for this model")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.path is None and self.model_id is None:
+            raise ValueError("ModelConfig needs either path= (local files) or model_id= (a hub id)")
+        return self
+
+    def resolve(self, downloader: Downloader | None = None) -> list[Path]:
+        """Local files of this config, downloading what is missing unless skip_download is set."""
+        if self.path is not None:
+            paths = [Path(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
+            missing = [str(p) for p in paths if not p.exists()]
+            if missing:
+                raise MissingComponentError(f"model file(s) not found: {', '.join(missing)}")
+            return paths
+        pattern = self.origin_file_pattern or "*"
+        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+        patterns = [p + "*" if p.endswith("/") else ("*" if p in ("", "./") else p) for p in patterns]
+        base = Path(self.local_model_path or os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
+        root = base / str(self.model_id)
+        skip = self.skip_download
+        if skip is None:
+            skip = os.environ.get("DIFFSYNTH_SKIP_DOWNLOAD", "").lower() in ("1", "true", "yes")
+        if not skip:
+            source = self.download_source or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope")
+            (downloader or get_downloader(source))(str(self.model_id), root, patterns)
+        found = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
+        if not found:
+            raise MissingComponentError(f"no files match {patterns} in {root} (model_id={self.model_id!r})")
+        return found
+
+
+# -- hubs ------------------------------------------------------------------------------------------------
+Downloader = Callable[[str, Path, list[str]], None]
+"""``download(model_id, local_dir, allow_patterns)`` fetches the matching files into ``local_dir``."""
+
+
+def _modelscope(model_id: str, local_dir: Path, patterns: list[str]) -> None:
+    try:
+        from modelscope import snapshot_download
+    except ImportError as e:
+        raise DownloadError("downloading from ModelScope needs the modelscope package: pip install 'qi[hub]'") from e
+    try:
+        snapshot_download(model_id, local_dir=str(local_dir), allow_file_pattern=patterns)
+    except Exception as e:
+        raise DownloadError(f"ModelScope download of {model_id!r} ({patterns}) failed: {e}") from e
+
+
+def _huggingface(model_id: str, local_dir: Path, patterns: list[str]) -> None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise DownloadError("downloading from Hugging Face needs huggingface_hub: pip install 'qi[hub]'") from e
+    try:
+        snapshot_download(model_id, local_dir=str(local_dir), allow_patterns=patterns)
+    except Exception as e:
+        raise DownloadError(f"Hugging Face download of {model_id!r} ({patterns}) failed: {e}") from e
+
+
+DOWNLOADERS: dict[str, Downloader] = {"modelscope": _modelscope, "huggingface": _huggingface}
+
+
+def get_downloader(source: str) -> Downloader:
+    try:
+        return DOWNLOADERS[source]
+    except KeyError:
+        raise DownloadError(f"unknown download source {source!r}; use one of {sorted(DOWNLOADERS)}") from None
+
+
+def looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], downloader: Downloader | None = None,
+                       cache_dir: str | os.PathLike | None = None) -> Path:  # fmt: skip
+    """A local folder in the official layout for ``model`` (a folder, or a hub id downloaded on demand).
+
+    ``hf:ORG/NAME`` forces Hugging Face, ``ms:ORG/NAME`` ModelScope; a bare ``ORG/NAME`` uses
+    ``QI_DOWNLOAD_SOURCE`` (default modelscope). Only the needed subfolders are fetched.
+    """
+    s = os.fspath(model)
+    if Path(s).expanduser().is_dir():
+        return Path(s).expanduser()
+    source = os.environ.get("QI_DOWNLOAD_SOURCE", os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope"))
+    for prefix, src in (("hf:", "huggingface"), ("ms:", "modelscope")):
+        if s.startswith(prefix):
+            s, source = s[len(prefix) :], src
+    if not looks_like_hub_id(s):
+        raise MissingComponentError(
+            f"model {os.fspath(model)!r} is neither a folder nor a hub id like 'Qwen/Qwen-Image'; "
+            "pass a folder in the official layout (model_index.json, transformer/, vae/, …) or a hub id"
+        )
+    base = Path(cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models")))
+    root = base / s
+    patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
+    (downloader or get_downloader(source))(s, root, patterns)
+    return root
+
+
+# -- folders and weights ---------------------------------------------------------------------------------
+def component_folder(root: Path, subfolder: str) -> Path:
+    folder = root / subfolder
+    if not folder.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise MissingComponentError(
+            f"component folder {subfolder!r} is missing in {root} (found: {', '.join(present) or 'nothing'}); "
+            "the official layout has transformer/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    return folder
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MissingComponentError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+
+
+def weight_files(folder_or_files: Path | list[Path]) -> list[Path]:
+    """Safetensors files of a component: a folder (single file or sharded with an index) or explicit files."""
+    if isinstance(folder_or_files, list):
+        return folder_or_files
+    folder = Path(folder_or_files)
+    if folder.is_file():
+        return [folder]
+    for stem in WEIGHT_STEMS:
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.exists():
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+            missing = [s for s in shards if not (folder / s).exists()]
+            if missing:
+                raise MissingComponentError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [folder / s for s in shards]
+        single = folder / f"{stem}.safetensors"
+        if single.exists():
+            return [single]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.ckpt")):
+        raise ModelLoadError(f"{folder} holds only pickle checkpoints; qi reads safetensors files only")
+    raise MissingComponentError(f"no .safetensors weights in {folder}")
+
+
+def read_state_dict(files: list[Path], device: str = "cpu") -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, Any] = {}
+    for f in files:
+        sd.update(load_file(str(f), device=device))
+    return sd
+
+
+def check_state_dict(expected: Mapping[str, Any], found: Mapping[str, Any], what: str,
+                     allow_missing: Callable[[str], bool] | None = None) -> None:  # fmt: skip
+    """Raise WeightMismatchError naming the key and shapes when ``found`` doesn't fit ``expected``."""
+    missing = [k for k in expected if k not in found and not (allow_missing and allow_missing(k))]
+    unexpected = [k for k in found if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s), e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:3])}")
+    for k, v in found.items():
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape):
+            problems.append(f"{k}: expected shape {tuple(expected[k].shape)}, found {tuple(v.shape)}")
+            break
+    if problems:
+        raise WeightMismatchError(f"{what}: " + "; ".join(problems) + " — is this the right checkpoint and config?")
+
+
+def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
+                what: str = "model") -> Any:  # fmt: skip
+    """Build a module without allocating (meta device), check and assign the weights, cast, eval."""
+    import torch
+
+    with torch.device("meta"):
+        module = build()
+    sd = read_state_dict(files)
+    check_state_dict(module.state_dict(), sd, what)
+    module.load_state_dict(sd, assign=True, strict=True)
+    leftover = [n for n, b in module.named_buffers() if b.is_meta]
+    if leftover:
+        raise ModelLoadError(f"{what}: buffers {leftover[:3]} were not initialised by the checkpoint")
+    if dtype is not None:
+        module = module.to(dtype=dtype)
+    return module.to(device).eval().requires_grad_(False)

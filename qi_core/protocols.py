@@ -1,0 +1,160 @@
+"""Runtime protocols of the parts plugins register, and the data the generic loop hands them.
+
+Sequence layout seen by a denoiser (one CFG side)::
+
+    [ text segment 0 | … | text segment n-1 | target image tokens | extra image segment 0 | … ]
+
+Text segments come from :attr:`DenoiseInput.text` (the global prompt is the last one; EliGen puts its entity
+prompts before it). Image segments are the target latents, then :attr:`DenoiseInput.images` in order (context
+image, edit images, layer input …). Every image segment gets its own RoPE frame (its index in that list,
+target = 0, unless the segment says otherwise) and its own modulation index (0 = the step's timestep; other
+indices select :attr:`DenoiseInput.extra_timesteps`). Only the target tokens are returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from qi_core.pipeline import Pipeline, RunState
+
+
+@dataclass
+class TextSegment:
+    """One run of text tokens."""
+
+    emb: torch.Tensor  # (B, L, D_txt) encoder hidden states
+    mask: torch.Tensor | None = None  # (B, L) 1 = real token, 0 = padding; None = all real
+    rope_offset: int | None = None  # first RoPE text position; None = after the largest image grid
+
+
+@dataclass
+class ImageSegment:
+    """Extra image tokens appended after the target (edit image, context image, layer input …)."""
+
+    latents: torch.Tensor  # (B, C, h, w) normalised latents, patchified by the denoiser
+    frame: int | None = None  # RoPE frame index; None = position in the image list (target = 0)
+    modulation: int = 0  # 0 = modulate with the step timestep; k>0 = with extra_timesteps[k-1]
+    rope_from_target: bool = False  # sample the target's spatial RoPE grid (low-res edit images)
+
+
+BlockHook = Callable[[int, "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+"""``hook(block_index, img, txt) -> img`` called after each denoiser block; img is (B, N_img, D)."""
+
+
+@dataclass
+class DenoiseInput:
+    """Everything one denoiser call sees (one CFG side, one step)."""
+
+    latents: torch.Tensor  # (B*F, C, h, w) target latents; F = target_frames
+    timestep: torch.Tensor  # (B,) timesteps in [0, 1000]
+    text: list[TextSegment]  # global prompt last
+    images: list[ImageSegment] = field(default_factory=list)
+    extra_timesteps: list[float] = field(default_factory=list)  # timesteps for modulation indices 1..
+    attention_mask: torch.Tensor | None = None  # additive (B, 1, S, S) over the joint sequence, or None
+    block_hooks: list[BlockHook] = field(default_factory=list)
+    target_frames: int = 1  # frames of the target folded into the batch axis (layered)
+    extras: dict[str, Any] = field(default_factory=dict)  # variant-specific inputs keyed by injector name
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    def __call__(self, inp: DenoiseInput) -> torch.Tensor:
+        """Return the velocity of the target latents, shaped like ``inp.latents``."""
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    def encode_prompt(
+        self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None
+    ) -> TextSegment:
+        """Encode one prompt (optionally with images for vision-language templates)."""
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+    latent_channels: int
+    scale_factor: int
+
+    def encode(self, image: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64):
+        """(B, C, H, W) in [-1, 1] → normalised latents (B, z, H/8, W/8)."""
+
+    def decode(self, z: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64):
+        """Normalised latents → (B, C, H, W), not clamped."""
+
+
+class Injector:
+    """Base class of conditioning injectors. Override what you need; every method has a no-op default.
+
+    The generic loop calls, in order: ``validate`` → ``prepare`` → ``prompt_inputs`` (per CFG side) →
+    ``initial_latents`` → per step and side ``denoise_input`` → per step ``velocity`` → ``finish``.
+    """
+
+    name: str = ""
+    params: dict[str, Any] = {}  # call parameters consumed, with defaults
+
+    def validate(self, pipe: Pipeline, state: RunState) -> None:
+        """Check the call parameters; raise :class:`qi_core.errors.InvalidInputError`."""
+
+    def prepare(self, pipe: Pipeline, state: RunState) -> None:
+        """Once per call, before prompts are encoded: encode images, build masks; store on ``state.data``."""
+
+    def prompt_inputs(self, pipe: Pipeline, state: RunState, side: str) -> dict[str, Any]:
+        """Extra keyword arguments for ``TextEncoder.encode_prompt`` (``images``, ``template``)."""
+        return {}
+
+    def initial_latents(self, pipe: Pipeline, state: RunState, noise: torch.Tensor) -> torch.Tensor | None:
+        """Return the latents entering step 0 instead of the noise (img2img), or None."""
+        return None
+
+    def denoise_input(self, pipe: Pipeline, state: RunState, side: str, step: int, inp: DenoiseInput) -> None:
+        """Add tokens, masks, block hooks or extras to ``inp`` for one denoiser call."""
+
+    def velocity(
+        self, pipe: Pipeline, state: RunState, step: int, velocity: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """Adjust the guided velocity before the Euler step (inpaint blending)."""
+        return velocity
+
+    def finish(self, pipe: Pipeline, state: RunState) -> None:
+        """After decoding."""
+
+
+class Adapter:
+    """Base class of adapters: ``apply`` changes a built pipeline; ``remove`` undoes it."""
+
+    name: str = ""
+
+    def apply(self, pipe: Pipeline) -> None:
+        raise NotImplementedError(f"adapter {self.name!r} does not implement apply()")
+
+    def remove(self, pipe: Pipeline) -> None:
+        raise NotImplementedError(f"adapter {self.name!r} cannot be removed")
+
+
+class MemoryPolicy(Protocol):
+    name: str
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        """Place a freshly loaded model; return it (possibly wrapped)."""
+
+    def use(self, model: Any) -> AbstractContextManager[Any]:
+        """Context manager around one use of ``model`` on the compute device."""
+
+
+class TrainingTask(Protocol):
+    name: str
+
+    def loss(self, pipe: Pipeline, batch: dict[str, Any], generator: Any) -> torch.Tensor: ...
+
+
+def iter_methods(obj: object, names: Sequence[str]) -> Iterator[str]:
+    """Names in ``names`` that ``obj`` overrides from :class:`Injector`."""
+    for n in names:
+        if getattr(type(obj), n, None) is not getattr(Injector, n, None):
+            yield n

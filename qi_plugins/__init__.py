@@ -1,0 +1,1 @@
+"""First-party qi plugins; each subpackage is registered through its own ``qi.plugins`` entry point."""

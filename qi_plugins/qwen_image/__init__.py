@@ -1,0 +1,56 @@
+"""Base Qwen-Image plugin: the MMDiT, the VAE, the Qwen2.5-VL text encoder, the "Qwen-Image" schedule,
+img2img and inpainting, and the ``qwen-image`` recipe (also serves Qwen-Image-2512 and Distill-Full weights).
+
+Registration only names factories; nothing heavy is imported until a pipeline is composed.
+"""
+
+from __future__ import annotations
+
+from qi_core.hookspecs import hookimpl
+from qi_core.recipe import Component, Recipe
+
+QI_HOOK_API = 1
+_P = "qi_plugins.qwen_image.parts"
+
+COMPONENTS = {
+    "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
+    "dit": Component(part="qwen-image-dit", subfolder="transformer", kind="denoiser"),
+    "vae": Component(part="qwen-image-vae", subfolder="vae"),
+}
+
+
+@hookimpl
+def qi_register_encoders(register):
+    register("qwen2.5-vl", f"{_P}:text_encoder", role="text_encoder")
+    register("qwen-image-vae", f"{_P}:vae", role="vae")
+
+
+@hookimpl
+def qi_register_denoisers(register):
+    register("qwen-image-dit", f"{_P}:dit")
+
+
+@hookimpl
+def qi_register_schedulers(register):
+    register("qwen-image", f"{_P}:scheduler")
+
+
+@hookimpl
+def qi_register_injectors(register):
+    register("input-image", "qi_plugins.qwen_image.injectors:InputImage")
+
+
+@hookimpl
+def qi_register_pipelines(register):
+    register(
+        Recipe(
+            name="qwen-image",
+            description="Qwen-Image text-to-image, img2img and inpainting (also Qwen-Image-2512, Distill-Full)",
+            components=COMPONENTS,
+            scheduler="qwen-image",
+            injectors=("input-image",),
+            defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1328, "width": 1328},
+            model="Qwen/Qwen-Image",
+            model_ids=("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512", "DiffSynth-Studio/Qwen-Image-Distill-Full"),
+        )
+    )

@@ -1,0 +1,362 @@
+"""The Qwen-Image MMDiT: 60 dual-stream blocks, joint [text, image] attention, 3-axis RoPE.
+
+State-dict keys are the official ones (``transformer/diffusion_pytorch_model*.safetensors``).
+
+Axes: B batch · F target frames · L text tokens · N image tokens · S = L + N joint sequence · H heads ·
+D head dim · C latent channels · (h, w) latent size · (P, Q) = 2x2 patch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from qi_core.errors import InvalidInputError
+from qi_core.protocols import DenoiseInput, ImageSegment
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """``transformer/config.json`` of the official repository (defaults = Qwen-Image)."""
+
+    patch_size: int = 2  # latent pixels per token side
+    in_channels: int = 64  # C·P·Q of a patchified latent token
+    out_channels: int = 16  # latent channels C
+    num_layers: int = 60  # dual-stream blocks
+    attention_head_dim: int = 128  # D
+    num_attention_heads: int = 24  # H; inner dim = H·D = 3072
+    joint_attention_dim: int = 3584  # text-encoder hidden size (Qwen2.5-VL-7B)
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)  # RoPE dims for (frame, row, column); sum = D
+    rope_theta: int = 10000  # RoPE base (official QwenEmbedRope)
+    zero_cond_t: bool = False  # Edit-2511 flag; honoured by the edit plugin's injector, kept for round trips
+    use_additional_t_cond: bool = False  # layered flag; the layered plugin builds its own DiT
+    use_layer3d_rope: bool = False  # layered flag
+    guidance_embeds: bool = False  # unused by every released checkpoint
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def __post_init__(self) -> None:
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise InvalidInputError(
+                f"RoPE axes {tuple(self.axes_dims_rope)} sum to {sum(self.axes_dims_rope)}, but the head dim is "
+                f"{self.attention_head_dim}; they must be equal"
+            )
+        if any(d % 2 for d in self.axes_dims_rope):
+            raise InvalidInputError(f"every RoPE axis dim must be even, got {tuple(self.axes_dims_rope)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        return cls(**kw)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with statistics in float32 (official numerics)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [cos, sin] of ``1000·t`` (t = timestep/1000), float32, (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    a = 1000 * (t[:, None].float() * freqs[None])
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(256, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(timestep_features(t).to(dtype))))
+
+
+class TimeTextEmbed(nn.Module):
+    """Key prefix ``time_text_embed``; ``timestep_embedder`` holds the MLP."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(t, dtype)
+
+
+class Attention(nn.Module):
+    """Joint attention of the text and image streams, each with its own projections and QK norms."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(self, img, txt, rope_img, rope_txt, mask):
+        heads = lambda x: rearrange(x, "B S (H D) -> B S H D", D=self.head_dim)  # noqa: E731
+        q = torch.cat([rope(self.norm_added_q(heads(self.add_q_proj(txt))), rope_txt),
+                       rope(self.norm_q(heads(self.to_q(img))), rope_img)], dim=1)  # fmt: skip
+        k = torch.cat([rope(self.norm_added_k(heads(self.add_k_proj(txt))), rope_txt),
+                       rope(self.norm_k(heads(self.to_k(img))), rope_img)], dim=1)  # fmt: skip
+        v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
+        q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
+        L = txt.shape[1]
+        return self.to_out[0](out[:, L:].contiguous()), self.to_add_out(out[:, :L].contiguous())
+
+
+def rope(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` (B, S, H, D) by angles with cos/sin (S, D/2), in float32."""
+    cos, sin = cs[0][:, None], cs[1][:, None]
+    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+class FeedForward(nn.Module):
+    """``net.0.proj`` → GELU(tanh) → ``net.2`` (the official activation; see README of the golden data)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+
+
+class _Proj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+
+class Block(nn.Module):
+    """Dual-stream block: adaLN-modulated attention and MLP on the text and image streams."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads, head_dim)
+        self.img_mlp = FeedForward(dim)
+        self.txt_mlp = FeedForward(dim)
+
+    def forward(self, img, txt, temb, rope_img, rope_txt, mask, mod_index):
+        # temb: (K, B, dim) — K timestep embeddings; image tokens pick theirs through mod_index (B, N)
+        img_mod = self.img_mod(temb)  # (K, B, 6·dim)
+        txt_mod = self.txt_mod(temb[0])  # text always uses the step timestep
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _select(img_mod, mod_index)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, dim=-1)
+
+        img_a, txt_a = self.attn(
+            self.img_norm1(img) * (1 + img_scale1) + img_shift1,
+            self.txt_norm1(txt) * (1 + t_scale1) + t_shift1,
+            rope_img,
+            rope_txt,
+            mask,
+        )
+        img = img + img_gate1 * img_a
+        txt = txt + t_gate1 * txt_a
+        img = img + img_gate2 * self.img_mlp(self.img_norm2(img) * (1 + img_scale2) + img_shift2)
+        txt = txt + t_gate2 * self.txt_mlp(self.txt_norm2(txt) * (1 + t_scale2) + t_shift2)
+        if img.dtype == torch.float16:  # keep fp16 activations finite
+            img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
+        return img, txt
+
+
+def _select(mod: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Per-token modulation: (K, B, 6·dim) and token indices (B, N) → six (B, N or 1, dim) tensors."""
+    if index is None:
+        return mod[0][:, None].chunk(6, dim=-1)
+    per_token = rearrange(mod, "K B E -> B K E")
+    per_token = torch.gather(per_token, 1, index[..., None].expand(-1, -1, per_token.shape[-1]))
+    return per_token.chunk(6, dim=-1)
+
+
+class OutNorm(nn.Module):
+    """Key prefix ``norm_out``: adaLN with (scale, shift) from the timestep embedding."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb)).to(x.dtype).chunk(2, dim=-1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class QwenImageDiT(nn.Module):
+    """The Qwen-Image transformer. ``forward`` takes a :class:`DenoiseInput` and returns the velocity."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        dim = c.inner_dim
+        self.img_in = nn.Linear(c.in_channels, dim)
+        self.txt_norm = RMSNorm(c.joint_attention_dim)
+        self.txt_in = nn.Linear(c.joint_attention_dim, dim)
+        self.time_text_embed = TimeTextEmbed(dim)
+        self.transformer_blocks = nn.ModuleList(
+            Block(dim, c.num_attention_heads, c.attention_head_dim) for _ in range(c.num_layers)
+        )
+        self.norm_out = OutNorm(dim)
+        self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.out_channels)
+        self.gradient_checkpointing = False
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def patchify(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
+        p = self.config.patch_size
+        return rearrange(x, "(B F) C (h P) (w Q) -> B (F h w) (C P Q)", F=frames, P=p, Q=p)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int, frames: int = 1) -> torch.Tensor:
+        p = self.config.patch_size
+        return rearrange(x, "B (F h w) (C P Q) -> (B F) C (h P) (w Q)", F=frames, h=h // p, w=w // p, P=p, Q=p)
+
+    def _axis_angles(self, axis: int, pos: torch.Tensor) -> torch.Tensor:
+        """Angles (len(pos), d/2) of one RoPE axis, computed as the official tables are (float32)."""
+        d = self.config.axes_dims_rope[axis]
+        inv = 1.0 / torch.pow(self.config.rope_theta, torch.arange(0, d, 2).to(torch.float32).div(d))
+        return torch.outer(pos.to(torch.float32), inv)
+
+    @staticmethod
+    def centred(n: int) -> torch.Tensor:
+        """Centred positions of a grid side: -(n - n//2) … -1, 0 … n//2 - 1."""
+        return torch.arange(n) - (n - n // 2)
+
+    def image_angles(self, frame: int, h: int, w: int, rows=None, cols=None) -> torch.Tensor:
+        """RoPE angles (h·w, D/2) of one image grid with the given frame index and row/column positions."""
+        rows = self.centred(h) if rows is None else rows
+        cols = self.centred(w) if cols is None else cols
+        f = self._axis_angles(0, torch.tensor([frame])).expand(h * w, -1)
+        r = self._axis_angles(1, rows)[:, None].expand(h, w, -1).reshape(h * w, -1)
+        c = self._axis_angles(2, cols)[None, :].expand(h, w, -1).reshape(h * w, -1)
+        return torch.cat([f, r, c], dim=-1)
+
+    def text_angles(self, offset: int, n: int) -> torch.Tensor:
+        pos = torch.arange(offset, offset + n)
+        return torch.cat([self._axis_angles(a, pos) for a in range(3)], dim=-1)
+
+    def rope_tables(self, inp: DenoiseInput, grids: list[tuple[int, int, int]], segs: list[ImageSegment | None]):
+        """cos/sin tables for the image tokens and every text segment."""
+        (F0, H2, W2) = grids[0]
+        parts, frame_next = [], F0
+        for f in range(F0):
+            parts.append(self.image_angles(f, H2, W2))
+        for (_, h2, w2), seg in zip(grids[1:], segs[1:], strict=True):
+            frame = frame_next if seg.frame is None else seg.frame
+            frame_next += 1
+            if seg.rope_from_target and (h2, w2) != (H2, W2):
+                rows = self.centred(H2)[torch.linspace(0, H2 - 1, h2).long()]
+                cols = self.centred(W2)[torch.linspace(0, W2 - 1, w2).long()]
+                parts.append(self.image_angles(frame, h2, w2, rows, cols))
+            else:
+                parts.append(self.image_angles(frame, h2, w2))
+        m = max(max(h // 2, w // 2) for _, h, w in grids)
+        img = torch.cat(parts, dim=0)
+        txt = [self.text_angles(m if s.rope_offset is None else s.rope_offset, s.emb.shape[1]) for s in inp.text]
+        dev = inp.latents.device
+        cs = lambda a: (torch.cos(a).to(dev), torch.sin(a).to(dev))  # noqa: E731
+        return cs(img), cs(torch.cat(txt, dim=0))
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, inp: DenoiseInput) -> torch.Tensor:
+        c, p = self.config, self.config.patch_size
+        x, Fr = inp.latents, inp.target_frames
+        dtype = self.img_in.weight.dtype
+        _, _, h, w = x.shape
+        if h % p or w % p:
+            raise InvalidInputError(f"latent size {h}x{w} must be a multiple of the patch size {p}")
+        tokens = [self.patchify(x.to(dtype), Fr)]
+        grids = [(Fr, h // p, w // p)]
+        mod_ids = [torch.zeros(tokens[0].shape[1], dtype=torch.long)]
+        for seg in inp.images:
+            tokens.append(self.patchify(seg.latents.to(dtype)))
+            grids.append((1, seg.latents.shape[-2] // p, seg.latents.shape[-1] // p))
+            mod_ids.append(torch.full((tokens[-1].shape[1],), seg.modulation, dtype=torch.long))
+        n_target = tokens[0].shape[1]
+        B = tokens[0].shape[0]
+        img = self.img_in(torch.cat(tokens, dim=1))
+
+        # text: each segment is normalised and projected on its own, then joined
+        txt = torch.cat([self.txt_in(self.txt_norm(s.emb.to(dtype))) for s in inp.text], dim=1)
+        masks = [
+            s.mask.to(device=img.device, dtype=torch.bool)
+            if s.mask is not None
+            else torch.ones(s.emb.shape[:2], dtype=torch.bool, device=img.device)
+            for s in inp.text
+        ]
+        txt_mask = torch.cat(masks, dim=1)
+
+        # timestep embeddings: index 0 = this step, 1.. = extra (e.g. t = 0 for reference tokens)
+        t = inp.timestep.to(device=img.device, dtype=torch.float32).reshape(-1).expand(B) / 1000
+        ts = [t] + [torch.full_like(t, v / 1000) for v in inp.extra_timesteps]
+        temb = self.time_text_embed(torch.cat(ts), dtype).view(len(ts), B, -1)
+        temb = temb + self.extra_conditioning(inp, temb)
+        mod_index = torch.cat(mod_ids).to(img.device)
+        mod_index = mod_index[None].expand(B, -1) if bool(mod_index.any()) else None
+
+        rope_img, rope_txt = self.rope_tables(inp, grids, [None, *inp.images])
+        mask = self.joint_mask(txt_mask, img.shape[1], inp.attention_mask, img.dtype)
+
+        for i, block in enumerate(self.transformer_blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                img, txt = torch.utils.checkpoint.checkpoint(
+                    block, img, txt, temb, rope_img, rope_txt, mask, mod_index, use_reentrant=False
+                )
+            else:
+                img, txt = block(img, txt, temb, rope_img, rope_txt, mask, mod_index)
+            for hook in inp.block_hooks:
+                img = hook(i, img, txt)
+
+        out = self.proj_out(self.norm_out(img[:, :n_target], temb[0]))
+        return self.unpatchify(out, h, w, Fr)
+
+    def extra_conditioning(self, inp: DenoiseInput, temb: torch.Tensor) -> torch.Tensor | float:
+        """Added to the timestep embeddings; subclasses (layered) override."""
+        return 0.0
+
+    @staticmethod
+    def joint_mask(txt_mask: torch.Tensor, n_img: int, extra: torch.Tensor | None, dtype: torch.dtype):
+        """SDPA mask over [text, image]: padding tokens are never attended to; ``extra`` is additive."""
+        if extra is None:
+            if bool(txt_mask.all()):
+                return None
+            ones = torch.ones(txt_mask.shape[0], n_img, dtype=torch.bool, device=txt_mask.device)
+            return torch.cat([txt_mask, ones], dim=1)[:, None, None, :]
+        keep = torch.cat([txt_mask, torch.ones_like(txt_mask[:, :1]).expand(-1, n_img)], dim=1)
+        pad = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+        return extra.to(dtype) + pad[:, None, None, :]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,91 @@
+"""Prompt encoding with Qwen2.5-VL (transformers), the official templates and drop indices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qi_core.errors import ModelLoadError
+from qi_core.loading import component_folder
+from qi_core.protocols import TextSegment
+
+# Official templates (diffusers QwenImagePipeline / DiffSynth QwenImageUnit_PromptEmbedder).
+T2I_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+    "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+T2I_DROP = 34  # tokens of the T2I system prefix, removed from the embedding
+MAX_TOKENS = 4096  # prompt tokens kept after the prefix (DiffSynth's limit; diffusers uses 1024)
+
+
+class QwenTextEncoder:
+    """Holds the tokenizer, the optional VL processor and the Qwen2.5-VL model."""
+
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def tokenize(self, prompt: str, template: str = T2I_TEMPLATE, drop: int = T2I_DROP, max_tokens: int = MAX_TOKENS):
+        return self.tokenizer(
+            [template.format(prompt)], max_length=max_tokens + drop, padding=True, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None,
+                      drop: int | None = None, max_tokens: int = MAX_TOKENS) -> TextSegment:  # fmt: skip
+        """Last hidden state (after the final norm) of the templated prompt, prefix dropped; mask all ones."""
+        template = template or T2I_TEMPLATE
+        drop = T2I_DROP if drop is None else drop
+        if images:
+            if self.processor is None:
+                raise ModelLoadError("prompts with images need the VL processor (processor/ folder)")
+            enc = self.processor(text=[template.format(prompt)], images=list(images), padding=True,
+                                 return_tensors="pt")  # fmt: skip
+        else:
+            enc = self.tokenize(prompt, template, drop, max_tokens)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        out = self.model.model(**enc, output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        keep = hidden[0][enc["attention_mask"][0].bool()][drop:]
+        emb = keep[None]
+        return TextSegment(emb=emb, mask=torch.ones(emb.shape[:2], dtype=torch.long, device=emb.device))
+
+
+def load_text_encoder(root: Path, folder: Path, device: Any = "cpu", dtype: torch.dtype | None = None,
+                      processor_subfolder: str | None = "processor") -> QwenTextEncoder:  # fmt: skip
+    """``text_encoder/`` + ``tokenizer/`` (+ ``processor/`` when present) of an official repository."""
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tok_dir = component_folder(root, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    processor = None
+    if processor_subfolder and (root / processor_subfolder).is_dir():
+        processor = _load_processor(root / processor_subfolder)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
+    except OSError as e:
+        raise ModelLoadError(f"could not load the text encoder from {folder}: {e}") from e
+    model = model.to(device).eval().requires_grad_(False)
+    return QwenTextEncoder(model, tokenizer, processor)
+
+
+def _load_processor(folder: Path) -> Any:
+    """The Qwen2-VL processor, or None when it cannot be built here (the edit plugin brings its own)."""
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(str(folder))
+    except Exception:
+        return None

@@ -1,0 +1,186 @@
+"""Qwen-Image VAE: parity with diffusers, the golden tiled case, strict loading, full-size structure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from qi_core.errors import InvalidInputError, WeightMismatchError
+from qi_plugins.qwen_image.vae import QwenImageVAE, VAEConfig, load_vae
+
+GOLDEN = Path(__file__).parents[1] / "fixtures/golden"
+VAE_DIRS = {
+    "rgb": GOLDEN / "models/qwen_image/vae",
+    "rgba": GOLDEN / "models/qwen_image_layered/vae",
+}
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def _diffusers_vae(folder: Path, dtype: torch.dtype):
+    diffusers = pytest.importorskip("diffusers")
+    return diffusers.AutoencoderKLQwenImage.from_pretrained(folder).to(dtype).eval()
+
+
+def _reference_codec(ref, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers encode (posterior mode, normalised) of x and decode (clamped) of normalised z, in x's dtype."""
+    mean = torch.tensor(ref.config.latents_mean).view(1, -1, 1, 1, 1).to(x.dtype)
+    inv_std = (1 / torch.tensor(ref.config.latents_std)).view(1, -1, 1, 1, 1).to(x.dtype)
+    enc = (ref.encode(x.unsqueeze(2)).latent_dist.mode() - mean) * inv_std
+    dec = ref.decode(z.unsqueeze(2) / inv_std + mean).sample
+    return enc[:, :, 0], dec[:, :, 0]
+
+
+@pytest.mark.parametrize("kind", ["rgb", "rgba"])
+@torch.no_grad()
+def test_parity_with_diffusers(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = VAE_DIRS[kind]
+    # diffusers' upsampler round-trips through float32 (meant for half precision); in float64 that rounding would
+    # be the only difference, so let it upsample in the input dtype (nearest upsampling is exact either way).
+    from diffusers.models.autoencoders import autoencoder_kl_qwenimage as dq
+
+    monkeypatch.setattr(dq.QwenImageUpsample, "forward", torch.nn.Upsample.forward)
+    ours = load_vae(folder)
+    channels = 3 if kind == "rgb" else 4
+    assert (ours.image_channels, ours.latent_channels, ours.scale_factor) == (channels, 16, 8)
+    torch.manual_seed(0)
+    x = torch.rand(1, channels, 48, 80) * 2 - 1  # non-square on purpose
+
+    # float64: same architecture ⇒ agreement far below float32 rounding (a structural check free of noise).
+    ref64, ours64 = _diffusers_vae(folder, torch.float64), load_vae(folder, dtype=torch.float64)
+    z64 = ours64.encode(x.double())
+    enc_ref64, dec_ref64 = _reference_codec(ref64, x.double(), z64)
+    assert z64.shape == (1, 16, 6, 10)
+    assert (z64 - enc_ref64).abs().max().item() < 1e-11
+    assert (ours64.decode(z64).clamp(-1, 1) - dec_ref64).abs().max().item() < 1e-11
+
+    # float32: our 2-D convolutions sum in another order than diffusers' causal 3-D ones, so the two differ by
+    # float32 rounding noise, which the decoder amplifies (both are ~1e-5 away from the float64 result).
+    ref = _diffusers_vae(folder, torch.float32)
+    z = ours.encode(x)
+    enc_ref, dec_ref = _reference_codec(ref, x, z)
+    dec = ours.decode(z)
+    assert (z - enc_ref).abs().max().item() <= 2e-5
+    assert (dec.clamp(-1, 1) - dec_ref).abs().max().item() <= 5e-5
+    ref_err = (dec_ref.double() - dec_ref64).abs().max().item()
+    our_err = (dec.clamp(-1, 1).double() - dec_ref64).abs().max().item()
+    assert our_err <= 2 * ref_err + 1e-6  # as accurate as the official float32 implementation
+
+    # time_conv only exists for checkpoint compatibility: diffusers ignores it for a single frame too.
+    for name, param in ref.named_parameters():
+        if "time_conv" in name:
+            param.add_(torch.randn_like(param))
+    enc_ref2, dec_ref2 = _reference_codec(ref, x, z)
+    assert torch.equal(enc_ref2, enc_ref) and torch.equal(dec_ref2, dec_ref)
+
+
+@torch.no_grad()
+def test_golden_tiled_case() -> None:
+    case = GOLDEN / "cases/tiled"
+    call = json.loads((case / "case.json").read_text())["call"]
+    tiles = {"tile_size": call["tile_size"], "tile_stride": call["tile_stride"]}
+    assert tiles == {"tile_size": 6, "tile_stride": 4}
+    tensors = load_file(case / "tensors.safetensors")
+    vae = load_vae(VAE_DIRS["rgb"])
+
+    pixels = np.array(Image.open(case / "input_image.png").convert("RGB"))
+    x = torch.from_numpy(pixels).to(torch.float32).permute(2, 0, 1)[None] * (2 / 255) - 1
+    z = tensors["final_latents"]
+    checks = {
+        "vae_encode_tiled": (vae.encode(x, tiled=True, **tiles), 1e-4),
+        "vae_encode_untiled": (vae.encode(x), 1e-4),
+        "vae_decode_untiled": (vae.decode(z), 2e-4),
+        "image_float": (vae.decode(z, tiled=True, **tiles), 2e-4),
+    }
+    for name, (ours, atol) in checks.items():
+        assert ours.shape == tensors[name].shape, name
+        assert (ours - tensors[name]).abs().max().item() <= atol, name
+    # The small tiles make tiling visible, so the tiled path is really exercised.
+    assert (checks["image_float"][0] - checks["vae_decode_untiled"][0]).abs().max() > 0.1
+
+
+@torch.no_grad()
+def test_tiling_rules() -> None:
+    vae = load_vae(VAE_DIRS["rgb"])
+    torch.manual_seed(1)
+    z = torch.randn(2, 16, 5, 7)
+    # One tile covering everything (no blending) reproduces the untiled result exactly.
+    assert torch.equal(vae.decode(z, tiled=True, tile_size=(5, 8), tile_stride=(3, 4)), vae.decode(z))
+    # (h, w) tuples, batch > 1, sizes that do not divide evenly.
+    out = vae.decode(z, tiled=True, tile_size=(3, 4), tile_stride=(2, 3))
+    assert out.shape == (2, 3, 40, 56) and torch.isfinite(out).all()
+    with pytest.raises(InvalidInputError):
+        vae.decode(z, tiled=True, tile_size=4, tile_stride=5)
+    with pytest.raises(InvalidInputError):
+        vae.encode(torch.zeros(1, 3, 44, 48))
+
+
+def test_strict_loading(tmp_path: Path) -> None:
+    folder = VAE_DIRS["rgb"]
+    state = load_file(folder / "diffusion_pytorch_model.safetensors")
+    model = QwenImageVAE(VAEConfig.from_dict(json.loads((folder / "config.json").read_text())))
+    model.load_state_dict(state, strict=True)
+
+    missing_key = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight"
+    bad = {k: v for k, v in state.items() if k != missing_key}
+    with pytest.raises(RuntimeError, match=missing_key):
+        model.load_state_dict(bad, strict=True)
+    wrong_key = "encoder.mid_block.attentions.0.norm.gamma"
+    bad = dict(state, **{wrong_key: torch.ones(state[wrong_key].numel())})
+    with pytest.raises(RuntimeError, match=wrong_key):
+        model.load_state_dict(bad, strict=True)
+
+    # The folder loader names the key too, and reads the sharded layout.
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    keys = sorted(state)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, tmp_path / shard)
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    loaded = load_vae(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in keys)
+
+    del weight_map[missing_key]
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    save_file({k: state[k] for k in shards["a.safetensors"] if k != missing_key}, tmp_path / "a.safetensors")
+    save_file({k: state[k] for k in shards["b.safetensors"] if k != missing_key}, tmp_path / "b.safetensors")
+    with pytest.raises(WeightMismatchError, match=missing_key):
+        load_vae(tmp_path)
+
+
+def test_config_from_dict() -> None:
+    d = json.loads((VAE_DIRS["rgba"] / "config.json").read_text())
+    cfg = VAEConfig.from_dict({**d, "_some_future_meta": 1})
+    assert cfg.input_channels == 4 and cfg.base_dim == 8 and cfg.num_res_blocks == 1
+    assert cfg.dim_mult == (1, 2, 4, 4) and cfg.temperal_downsample == (False, True, True)
+    assert cfg.attn_scales == () and cfg.latents_mean == VAEConfig().latents_mean
+    assert cfg.latents_std == VAEConfig().latents_std
+    with pytest.raises(Exception, match="not_a_field"):
+        VAEConfig.from_dict({**d, "not_a_field": 1})
+
+
+def test_full_size_structure_matches_diffusers() -> None:
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        ours = QwenImageVAE(VAEConfig())
+        ref = diffusers.AutoencoderKLQwenImage()
+    ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours_shapes == ref_shapes
+    n_ours = sum(p.numel() for p in ours.parameters())
+    assert n_ours == sum(p.numel() for p in ref.parameters())
+    assert 126.8e6 < n_ours < 127.0e6 and len(ours_shapes) == 194
