@@ -13,7 +13,7 @@ from typing import Any
 
 from qi_core import errors
 from qi_core.hookspecs import HOOK_API_VERSION, hookimpl
-from qi_core.plugins import host, register
+from qi_core.plugin_host import host, register
 from qi_core.recipe import Component, Recipe
 
 __version__ = "0.1.0"
@@ -34,16 +34,16 @@ __all__ = [
 
 
 def compose(name: str, model: Any = None, **kwargs: Any) -> Any:
-    from qi_core.compose import compose as _compose
+    from qi_core.composer import compose as _compose
 
     return _compose(name, model, **kwargs)
 
 
-compose.__doc__ = "Build a pipeline from a registered recipe; see :func:`qi_core.compose.compose`."
+compose.__doc__ = "Build a pipeline from a registered recipe; see :func:`qi_core.composer.compose`."
 
 
 def get_scheduler(name: str) -> Any:
-    from qi_core.compose import get_scheduler as _get
+    from qi_core.composer import get_scheduler as _get
 
     return _get(name)
 

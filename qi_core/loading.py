@@ -80,7 +80,9 @@ def _modelscope(model_id: str, local_dir: Path, patterns: list[str]) -> None:
     try:
         from modelscope import snapshot_download
     except ImportError as e:
-        raise DownloadError("downloading from ModelScope needs the modelscope package: pip install 'qi[hub]'") from e
+        raise DownloadError(
+            "downloading from ModelScope needs the modelscope package: pip install 'qi[hub]'"
+        ) from e
     try:
         snapshot_download(model_id, local_dir=str(local_dir), allow_file_pattern=patterns)
     except Exception as e:
@@ -91,7 +93,9 @@ def _huggingface(model_id: str, local_dir: Path, patterns: list[str]) -> None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise DownloadError("downloading from Hugging Face needs huggingface_hub: pip install 'qi[hub]'") from e
+        raise DownloadError(
+            "downloading from Hugging Face needs huggingface_hub: pip install 'qi[hub]'"
+        ) from e
     try:
         snapshot_download(model_id, local_dir=str(local_dir), allow_patterns=patterns)
     except Exception as e:
@@ -132,7 +136,9 @@ def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], down
             f"model {os.fspath(model)!r} is neither a folder nor a hub id like 'Qwen/Qwen-Image'; "
             "pass a folder in the official layout (model_index.json, transformer/, vae/, …) or a hub id"
         )
-    base = Path(cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models")))
+    base = Path(
+        cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
+    )
     root = base / s
     patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
     (downloader or get_downloader(source))(s, root, patterns)
@@ -210,7 +216,9 @@ def check_state_dict(expected: Mapping[str, Any], found: Mapping[str, Any], what
             problems.append(f"{k}: expected shape {tuple(expected[k].shape)}, found {tuple(v.shape)}")
             break
     if problems:
-        raise WeightMismatchError(f"{what}: " + "; ".join(problems) + " — is this the right checkpoint and config?")
+        raise WeightMismatchError(
+            f"{what}: " + "; ".join(problems) + " — is this the right checkpoint and config?"
+        )
 
 
 def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "cpu", dtype: Any = None,

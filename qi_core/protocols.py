@@ -81,7 +81,9 @@ class Autoencoder(Protocol):
     latent_channels: int
     scale_factor: int
 
-    def encode(self, image: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64):
+    def encode(
+        self, image: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64
+    ):
         """(B, C, H, W) in [-1, 1] → normalised latents (B, z, H/8, W/8)."""
 
     def decode(self, z: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64):

@@ -30,4 +30,4 @@ class Recipe:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # call-parameter defaults
     model: str | None = None  # default model: ModelScope / Hugging Face id or folder
     model_ids: tuple[str, ...] = ()  # hub ids whose weights this recipe serves
-    files: Mapping[str, str] = field(default_factory=dict)  # role -> glob of files to fetch from a hub
+    tiny: str | None = None  # "module:function(out_dir, seed=0)" writing a tiny random model (model="tiny")

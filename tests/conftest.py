@@ -25,3 +25,11 @@ def golden_case(name: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Our own tiny random model (``qi make-tiny-model``), built once per session."""
+    from qi_plugins.qwen_image.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen-image")

@@ -51,6 +51,7 @@ def qi_register_pipelines(register):
             injectors=("input-image",),
             defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1328, "width": 1328},
             model="Qwen/Qwen-Image",
+            tiny="qi_plugins.qwen_image.tiny:make_tiny_model",
             model_ids=("Qwen/Qwen-Image", "Qwen/Qwen-Image-2512", "DiffSynth-Studio/Qwen-Image-Distill-Full"),
         )
     )

@@ -240,7 +240,9 @@ class QwenImageDiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor, h: int, w: int, frames: int = 1) -> torch.Tensor:
         p = self.config.patch_size
-        return rearrange(x, "B (F h w) (C P Q) -> (B F) C (h P) (w Q)", F=frames, h=h // p, w=w // p, P=p, Q=p)
+        return rearrange(
+            x, "B (F h w) (C P Q) -> (B F) C (h P) (w Q)", F=frames, h=h // p, w=w // p, P=p, Q=p
+        )
 
     def _axis_angles(self, axis: int, pos: torch.Tensor) -> torch.Tensor:
         """Angles (len(pos), d/2) of one RoPE axis, computed as the official tables are (float32)."""
@@ -266,7 +268,9 @@ class QwenImageDiT(nn.Module):
         pos = torch.arange(offset, offset + n)
         return torch.cat([self._axis_angles(a, pos) for a in range(3)], dim=-1)
 
-    def rope_tables(self, inp: DenoiseInput, grids: list[tuple[int, int, int]], segs: list[ImageSegment | None]):
+    def rope_tables(
+        self, inp: DenoiseInput, grids: list[tuple[int, int, int]], segs: list[ImageSegment | None]
+    ):
         """cos/sin tables for the image tokens and every text segment."""
         (F0, H2, W2) = grids[0]
         parts, frame_next = [], F0
@@ -283,14 +287,16 @@ class QwenImageDiT(nn.Module):
                 parts.append(self.image_angles(frame, h2, w2))
         m = max(max(h // 2, w // 2) for _, h, w in grids)
         img = torch.cat(parts, dim=0)
-        txt = [self.text_angles(m if s.rope_offset is None else s.rope_offset, s.emb.shape[1]) for s in inp.text]
+        txt = [
+            self.text_angles(m if s.rope_offset is None else s.rope_offset, s.emb.shape[1]) for s in inp.text
+        ]
         dev = inp.latents.device
         cs = lambda a: (torch.cos(a).to(dev), torch.sin(a).to(dev))  # noqa: E731
         return cs(img), cs(torch.cat(txt, dim=0))
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, inp: DenoiseInput) -> torch.Tensor:
-        c, p = self.config, self.config.patch_size
+        p = self.config.patch_size
         x, Fr = inp.latents, inp.target_frames
         dtype = self.img_in.weight.dtype
         _, _, h, w = x.shape

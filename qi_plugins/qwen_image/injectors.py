@@ -15,12 +15,19 @@ from qi_core.protocols import Injector
 
 class InputImage(Injector):
     name = "input-image"
-    params = {"input_image": None, "inpaint_mask": None, "inpaint_blur_size": None, "inpaint_blur_sigma": None}
+    params = {
+        "input_image": None,
+        "inpaint_mask": None,
+        "inpaint_blur_size": None,
+        "inpaint_blur_sigma": None,
+    }
 
     def validate(self, pipe, state) -> None:
         p = state.params
         if p["inpaint_mask"] is not None and p["input_image"] is None:
-            raise InvalidInputError("inpaint_mask needs input_image: the mask says which part of it to redraw")
+            raise InvalidInputError(
+                "inpaint_mask needs input_image: the mask says which part of it to redraw"
+            )
         if p["input_image"] is None:
             return
         image = load_image(p["input_image"], "input_image")

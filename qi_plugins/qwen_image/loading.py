@@ -15,4 +15,6 @@ def load_dit(folder: str | Path, device: Any = "cpu", dtype: torch.dtype | None 
              cls: type[QwenImageDiT] = QwenImageDiT) -> QwenImageDiT:  # fmt: skip
     folder = Path(folder)
     config = DiTConfig.from_dict(read_json(folder / "config.json"))
-    return load_module(lambda: cls(config), weight_files(folder), device=device, dtype=dtype, what=f"DiT ({folder})")
+    return load_module(
+        lambda: cls(config), weight_files(folder), device=device, dtype=dtype, what=f"DiT ({folder})"
+    )

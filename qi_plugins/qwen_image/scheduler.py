@@ -48,7 +48,9 @@ class FlowMatchSchedule:
                  exponential_shift_mu: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(sigmas, timesteps), float32, length ``num_inference_steps``; the step after the last goes to σ=0."""
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}")
+            raise InvalidInputError(
+                f"num_inference_steps must be an integer ≥ 1, got {num_inference_steps!r}"
+            )
         if not 0.0 <= denoising_strength <= 1.0:
             raise InvalidInputError(f"denoising_strength must be in [0, 1], got {denoising_strength}")
         if exponential_shift_mu is not None:
@@ -69,10 +71,14 @@ class FlowMatchSchedule:
     def training_schedule(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
         """(sigmas, timesteps, weights) of the training grid; weights are DiffSynth's Gaussian bump."""
         sigmas, timesteps = self._sigmas(num_train_timesteps, 1.0, self.training_mu)
-        n = num_train_timesteps
-        y = torch.exp(-2 * ((timesteps - n / 2) / n) ** 2)
+        grid = NUM_TRAIN_TIMESTEPS  # the bump is centred on the 1000-step grid whatever n is
+        y = torch.exp(-2 * ((timesteps - grid / 2) / grid) ** 2)
         y = y - y.min()
-        return sigmas, timesteps, y * (n / y.sum())
+        w = y * (grid / y.sum())
+        if num_train_timesteps != grid:  # DiffSynth's empirical rescale for coarser grids
+            w = w * (num_train_timesteps / grid)
+            w = w + w[1]
+        return sigmas, timesteps, w
 
     @staticmethod
     def step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

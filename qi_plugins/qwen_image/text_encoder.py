@@ -36,7 +36,9 @@ class QwenTextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def tokenize(self, prompt: str, template: str = T2I_TEMPLATE, drop: int = T2I_DROP, max_tokens: int = MAX_TOKENS):
+    def tokenize(
+        self, prompt: str, template: str = T2I_TEMPLATE, drop: int = T2I_DROP, max_tokens: int = MAX_TOKENS
+    ):
         return self.tokenizer(
             [template.format(prompt)], max_length=max_tokens + drop, padding=True, truncation=True,
             return_tensors="pt",
@@ -73,10 +75,17 @@ def load_text_encoder(root: Path, folder: Path, device: Any = "cpu", dtype: torc
     processor = None
     if processor_subfolder and (root / processor_subfolder).is_dir():
         processor = _load_processor(root / processor_subfolder)
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one bar per pipeline is enough (qi.compose shows it)
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder), dtype=dtype or torch.float32)
     except OSError as e:
         raise ModelLoadError(f"could not load the text encoder from {folder}: {e}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model = model.to(device).eval().requires_grad_(False)
     return QwenTextEncoder(model, tokenizer, processor)
 

@@ -95,7 +95,8 @@ class CausalConv3d(nn.Conv3d):
         self.spatial_padding = (pad[1], pad[2])  # symmetric in H/W; the time padding is causal (front only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The time stride never matters for one frame: output frame 0 reads input frame 0 at tap kt-1.
+        # With front padding kt-1 the single output frame reads the input frame at tap kt-1 only, whatever the
+        # time stride. (The resample ``time_conv``s are never called, so their different padding plays no role.)
         weight = self.weight[:, :, -1]
         return F.conv2d(x, weight, self.bias, stride=self.stride[1:], padding=self.spatial_padding)
 

@@ -19,7 +19,9 @@ CASES = ["t2i", "t2i_nocfg", "img2img", "inpaint", "tiled"]
 
 @pytest.fixture(scope="module")
 def pipe():
-    return qi.compose("qwen-image", model=GOLDEN_MODEL, device="cpu", torch_dtype=torch.float32, progress=False)
+    return qi.compose(
+        "qwen-image", model=GOLDEN_MODEL, device="cpu", torch_dtype=torch.float32, progress=False
+    )
 
 
 def call_args(case: dict, folder) -> dict:
@@ -68,7 +70,9 @@ def test_golden_case(pipe, name):
         compared.append(key)
     assert "final_latents" in compared and "image_float" in compared
     # the public output is the raw decoder output (H, W, C)
-    np.testing.assert_allclose(out, want["image_float"][0].permute(1, 2, 0).numpy(), atol=tol["image_float"], rtol=0)
+    np.testing.assert_allclose(
+        out, want["image_float"][0].permute(1, 2, 0).numpy(), atol=tol["image_float"], rtol=0
+    )
     # 8-bit image: at most 1 level off, on at most 0.5 % of the values
     ours8 = ((torch.from_numpy(out) + 1) * 127.5).clip(0, 255).to(torch.uint8).numpy().astype(int)
     ref8 = np.asarray(Image.open(folder / "output.png").convert("RGB")).astype(int)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from qi_core.errors import InvalidInputError, WeightMismatchError
+from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
 from qi_plugins.qwen_image.vae import QwenImageVAE, VAEConfig, load_vae
 
 GOLDEN = Path(__file__).parents[1] / "fixtures/golden"
@@ -142,24 +142,33 @@ def test_strict_loading(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=wrong_key):
         model.load_state_dict(bad, strict=True)
 
-    # The folder loader names the key too, and reads the sharded layout.
-    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
-    keys = sorted(state)
-    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2 :]}
-    for shard, names in shards.items():
-        save_file({k: state[k] for k in names}, tmp_path / shard)
-    weight_map = {k: shard for shard, names in shards.items() for k in names}
-    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
-    index.write_text(json.dumps({"weight_map": weight_map}))
-    loaded = load_vae(tmp_path)
-    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in keys)
-
-    del weight_map[missing_key]
-    index.write_text(json.dumps({"weight_map": weight_map}))
-    save_file({k: state[k] for k in shards["a.safetensors"] if k != missing_key}, tmp_path / "a.safetensors")
-    save_file({k: state[k] for k in shards["b.safetensors"] if k != missing_key}, tmp_path / "b.safetensors")
+    # The folder loader reads the sharded layout and names offending keys in a WeightMismatchError.
+    good = _write_folder(tmp_path / "good", folder, state, sharded=True)
+    loaded = load_vae(good)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    without = {k: v for k, v in state.items() if k != missing_key}
     with pytest.raises(WeightMismatchError, match=missing_key):
-        load_vae(tmp_path)
+        load_vae(_write_folder(tmp_path / "missing", folder, without, sharded=True))
+    with pytest.raises(WeightMismatchError, match=wrong_key):
+        load_vae(_write_folder(tmp_path / "shape", folder, bad, sharded=False))
+
+
+def _write_folder(dst: Path, src: Path, state: dict[str, torch.Tensor], sharded: bool) -> Path:
+    """A vae/ folder with src's config and the given weights, as one file or as two shards plus an index."""
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    if not sharded:
+        save_file(state, dst / "diffusion_pytorch_model.safetensors")
+        return dst
+    keys = sorted(state)
+    shards = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2 :]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, dst / shard)
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (dst / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    return dst
 
 
 def test_config_from_dict() -> None:
@@ -169,7 +178,7 @@ def test_config_from_dict() -> None:
     assert cfg.dim_mult == (1, 2, 4, 4) and cfg.temperal_downsample == (False, True, True)
     assert cfg.attn_scales == () and cfg.latents_mean == VAEConfig().latents_mean
     assert cfg.latents_std == VAEConfig().latents_std
-    with pytest.raises(Exception, match="not_a_field"):
+    with pytest.raises(ModelLoadError, match="not_a_field"):
         VAEConfig.from_dict({**d, "not_a_field": 1})
 
 

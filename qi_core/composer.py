@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.errors import InvalidInputError
-from qi_core.plugins import host
+from qi_core.plugin_host import host
 
 
 def default_dtype(device: str) -> Any:
@@ -38,8 +38,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     source = model if model is not None else recipe.model
     if source is None:
         raise InvalidInputError(f"pipeline {name!r} has no default model; pass model='folder or hub id'")
-    subfolders = [c.subfolder for c in recipe.components.values() if c.subfolder]
-    root = resolve_model_root(source, [*subfolders, "tokenizer", "scheduler"], downloader=downloader)
+    if source == TINY and not Path(TINY).is_dir():
+        root = tiny_model(recipe)
+    else:
+        subfolders = [c.subfolder for c in recipe.components.values() if c.subfolder]
+        root = resolve_model_root(source, [*subfolders, "tokenizer", "scheduler"], downloader=downloader)
 
     policy = reg.get("memory_policy", memory).load()() if isinstance(memory, str) else memory
     components: dict[str, Any] = {}
@@ -65,6 +68,28 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
         adapter.apply(pipe)
         pipe.adapters.append(adapter)
     return pipe
+
+
+TINY = "tiny"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QI_CACHE_DIR", Path.home() / ".cache" / "qi"))
+
+
+def tiny_model(recipe: Any) -> Path:
+    """The recipe's built-in tiny random model, built once into the cache (``model="tiny"``)."""
+    from qi_core.registry import Entry
+
+    if recipe.tiny is None:
+        raise InvalidInputError(
+            f"pipeline {recipe.name!r} has no built-in tiny model; pass a folder or hub id"
+        )
+    folder = cache_dir() / "tiny" / recipe.name
+    if not (folder / "model_index.json").exists():
+        build = Entry("pipeline", recipe.name, recipe.tiny, "").load()
+        build(folder, seed=0, overwrite=True)
+    return folder
 
 
 def get_scheduler(name: str) -> Any:

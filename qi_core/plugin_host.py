@@ -83,7 +83,9 @@ class PluginHost:
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         if name in self.plugins and self.plugins[name].status == "ok":
             raise PluginError(f"a plugin named {name!r} is already registered")
-        info = PluginInfo(name=name, distribution=None, version=None, module=getattr(plugin, "__name__", None))
+        info = PluginInfo(
+            name=name, distribution=None, version=None, module=getattr(plugin, "__name__", None)
+        )
         self.plugins[name] = info
         if name in disabled_names():
             info.status, info.error = "disabled", f"disabled by {DISABLE_ENV}"

@@ -1,0 +1,165 @@
+"""The ``qi`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qi_core.errors import QiError
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from qi_core import plugins
+
+    report = plugins()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for p in report:
+        where = f"{p['distribution'] or '-'} {p['version'] or ''}".strip()
+        print(f"{p['name']:<24} {p['status']:<12} {where}")
+        if p["status"] == "ok":
+            for kind, names in p["provides"].items():
+                print(f"    {kind}: {', '.join(names)}")
+        else:
+            print(f"    {p['error']}")
+    return 0
+
+
+def _pipelines(args: argparse.Namespace) -> int:
+    from qi_core import pipelines
+    from qi_core.plugin_host import host
+
+    reg = host().registry
+    for r in pipelines():
+        plugin = reg.get("pipeline", r.name).plugin
+        print(f"{r.name:<32} {r.description}  [{plugin}; default model {r.model}]")
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from qi_core.plugin_host import host
+    from qi_core.registry import Entry
+
+    recipe = host().registry.get("pipeline", args.pipeline).load()
+    if recipe.tiny is None:
+        raise QiError(f"pipeline {args.pipeline!r} has no tiny-model builder")
+    build = Entry("pipeline", recipe.name, recipe.tiny, "").load()
+    out = build(args.dir, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote tiny {recipe.name} model to {out}")
+    return 0
+
+
+def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Write a PNG with the generation settings as text chunks, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in meta.items():
+        info.add_text(f"qi:{k}", str(v))
+    info.add_text("parameters", json.dumps(meta, ensure_ascii=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import qi_core as qi
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
+        args.dtype
+    ]
+    pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
+                      adapters=args.adapter or (), memory=args.memory)  # fmt: skip
+    call: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed}
+    for key, value in (("num_inference_steps", args.steps), ("cfg_scale", args.cfg_scale),
+                       ("height", args.height), ("width", args.width)):  # fmt: skip
+        if value is not None:
+            call[key] = value
+    if args.input_image:
+        call["input_image"] = args.input_image
+        call["denoising_strength"] = args.strength
+    if args.inpaint_mask:
+        call["inpaint_mask"] = args.inpaint_mask
+    settings = {**pipe.parameters(), **call}
+    if settings["seed"] is None:
+        import random
+
+        settings["seed"] = call["seed"] = random.randrange(2**31)
+    out = pipe(**call)
+    images = out if isinstance(out, list) else [out]
+    target = Path(args.out)
+    meta = {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
+                                     "height", "width")}  # fmt: skip
+    meta.update(pipeline=args.pipeline, model=str(args.model or pipe.model), qi_version=qi.__version__)
+    for i, image in enumerate(images):
+        path = target if len(images) == 1 else target.with_name(f"{target.stem}_{i}{target.suffix}")
+        save_png(image, path, meta)
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qi", description="Run and train the Qwen-Image family.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate an image")
+    g.add_argument("prompt")
+    g.add_argument("--pipeline", default="qwen-image", help="recipe name (see `qi pipelines`)")
+    g.add_argument("--model", default=None, help="folder, hub id (hf:ORG/NAME for Hugging Face) or 'tiny'")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="num_inference_steps")
+    g.add_argument("--cfg-scale", type=float, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--input-image", default=None, help="img2img / inpaint source image")
+    g.add_argument("--strength", type=float, default=1.0, help="denoising_strength with --input-image")
+    g.add_argument("--inpaint-mask", default=None, help="white = redraw")
+    g.add_argument("--adapter", action="append", help="adapter name (repeatable)")
+    g.add_argument("--memory", default="none", help="memory policy name")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    g.add_argument("--out", default="out.png")
+    g.set_defaults(func=_generate)
+
+    p = sub.add_parser("plugins", help="list installed plugins")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plugins)
+
+    sub.add_parser("pipelines", help="list pipelines (recipes)").set_defaults(func=_pipelines)
+
+    t = sub.add_parser("make-tiny-model", help="write a tiny random model in the official layout")
+    t.add_argument("dir")
+    t.add_argument("--pipeline", default="qwen-image")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QiError as e:
+        print(f"qi: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
