@@ -20,7 +20,6 @@ marked "Rep" and skipped).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file
 from torch import nn
 
-from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
+from qi_core.errors import InvalidInputError, ModelLoadError
+from qi_core.loading import load_module, read_json, weight_files
 
 _REAL_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -457,51 +456,12 @@ class QwenImageVAE(nn.Module):
 # Loading from the official folder layout
 # --------------------------------------------------------------------------------------------------------------
 
-_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of ``<folder>/diffusion_pytorch_model.safetensors`` or of its sharded index."""
-    single, index = folder / _WEIGHTS, folder / f"{_WEIGHTS}.index.json"
-    if single.is_file():
-        return load_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(folder / shard))
-        return state
-    raise ModelLoadError(f"no {_WEIGHTS} (or {_WEIGHTS}.index.json) in {folder}.")
-
-
-def _check_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-        for k in sorted(expected.keys() & state.keys())
-        if tuple(state[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        raise WeightMismatchError(
-            f"VAE checkpoint does not match the config: missing keys {missing}, unexpected keys {unexpected}, "
-            f"wrong shapes {wrong}."
-        )
-
 
 def load_vae(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> QwenImageVAE:
     """Load a VAE from an official ``vae/`` folder (``config.json`` + safetensors), strictly, in eval mode."""
     folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"no config.json in {folder}.")
-    config = VAEConfig.from_dict(json.loads(config_file.read_text()))
-    with torch.device("meta"):  # no point initialising weights that are overwritten right away
-        model = QwenImageVAE(config)
-    state = _read_safetensors_folder(folder)
-    _check_state_dict(model, state)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+    config = VAEConfig.from_dict(read_json(folder / "config.json"))
+    return load_module(lambda: QwenImageVAE(config), weight_files(folder), device=device, dtype=dtype,
+                       what=f"VAE ({folder})")  # fmt: skip
