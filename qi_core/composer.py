@@ -18,16 +18,18 @@ def default_dtype(device: str) -> Any:
 
 def compose(name: str, model: str | os.PathLike | None = None, *, device: str = "cpu", torch_dtype: Any = None,
             adapters: list[Any] | tuple[Any, ...] = (), memory: str | Any = "none",
-            downloader: Any = None, progress: bool = True) -> Any:  # fmt: skip
+            components: dict[str, Any] | None = None, downloader: Any = None, progress: bool = True) -> Any:  # fmt: skip
     """Build the pipeline ``name`` (see ``qi pipelines``) with weights from ``model``.
 
     ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
     Hugging Face). Defaults to the recipe's own model id. ``adapters``: registered adapter names or
     :class:`~qi_core.protocols.Adapter` instances, applied in order. ``memory``: a memory policy name.
+    ``components``: per-role weights overriding the recipe (a folder, a file, a list of files or a
+    :class:`~qi_core.loading.ModelConfig`), e.g. ``{"blockwise_controlnet": ["canny.safetensors"]}``.
     """
     import torch
 
-    from qi_core.loading import component_folder, resolve_model_root
+    from qi_core.loading import component_folder, component_source, resolve_model_root
     from qi_core.pipeline import Pipeline
 
     reg = host().registry
@@ -48,11 +50,26 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     components: dict[str, Any] = {}
     roles = list(recipe.components.items())
     bar = _bar(len(roles), f"loading {name}", progress)
+    overrides = dict(components or {})
+    unknown = [r for r in overrides if r not in recipe.components]
+    if unknown:
+        raise InvalidInputError(
+            f"pipeline {name!r} has no component {unknown[0]!r}; its components are {', '.join(recipe.components)}"
+        )
     for role, comp in roles:
-        if comp.subfolder is not None and not (Path(root) / comp.subfolder).is_dir() and not comp.required:
+        if role in overrides:
+            folder = component_source(overrides[role], downloader)
+        elif comp.model is not None:
+            pats = [comp.pattern] if comp.pattern else None
+            folder = resolve_model_root(
+                comp.model, [comp.subfolder or ""], downloader=downloader, patterns=pats
+            )
+            folder = folder / comp.subfolder if comp.subfolder else folder
+        elif comp.subfolder is not None and not (Path(root) / comp.subfolder).is_dir() and not comp.required:
             bar.update(1)
             continue
-        folder = component_folder(Path(root), comp.subfolder) if comp.subfolder else Path(root)
+        else:
+            folder = component_folder(Path(root), comp.subfolder) if comp.subfolder else Path(root)
         factory = reg.get(comp.kind, comp.part).load()
         obj = factory(root=Path(root), folder=folder, device="cpu", dtype=dtype)
         components[role] = policy.attach(obj, device=device, dtype=dtype)

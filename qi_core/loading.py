@@ -118,7 +118,7 @@ def looks_like_hub_id(s: str) -> bool:
 
 
 def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], downloader: Downloader | None = None,
-                       cache_dir: str | os.PathLike | None = None) -> Path:  # fmt: skip
+                       cache_dir: str | os.PathLike | None = None, patterns: list[str] | None = None) -> Path:  # fmt: skip
     """A local folder in the official layout for ``model`` (a folder, or a hub id downloaded on demand).
 
     ``hf:ORG/NAME`` forces Hugging Face, ``ms:ORG/NAME`` ModelScope; a bare ``ORG/NAME`` uses
@@ -140,12 +140,30 @@ def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], down
         cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
     )
     root = base / s
-    patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
+    if patterns is None:
+        patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
     (downloader or get_downloader(source))(s, root, patterns)
     return root
 
 
 # -- folders and weights ---------------------------------------------------------------------------------
+def component_source(value: Any, downloader: Downloader | None = None) -> Path | list[Path]:
+    """What a user passed for one component: a folder, a file, a list of files, or a ModelConfig."""
+    if isinstance(value, ModelConfig):
+        files = value.resolve(downloader)
+        return files[0] if len(files) == 1 else files
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _as_list(component_source(v, downloader))]
+    path = Path(os.fspath(value)).expanduser()
+    if not path.exists():
+        raise MissingComponentError(f"component weights {os.fspath(value)!r} do not exist")
+    return path
+
+
+def _as_list(v: Path | list[Path]) -> list[Path]:
+    return v if isinstance(v, list) else [v]
+
+
 def component_folder(root: Path, subfolder: str) -> Path:
     folder = root / subfolder
     if not folder.is_dir():
