@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true")
     t.set_defaults(func=_make_tiny)
+
+    from qi_core.plugin_host import host
+
+    for entry in host().registry.entries("command"):
+        if entry.name in sub.choices:
+            continue  # built-in commands win; the collision is visible in `qi plugins`
+        configure = entry.load()
+        configure(sub.add_parser(entry.name, help=entry.meta.get("help", f"(from plugin {entry.plugin})")))
     return parser
 
 

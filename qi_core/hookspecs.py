@@ -7,7 +7,7 @@ provides. The core owns the names and the collision rules; a plugin never mutate
 Registration must stay cheap: ``qi plugins`` loads every plugin and calls every hook. Register *factories*
 (callables or ``"module:attribute"`` strings) and import torch models only inside them.
 
-The six part categories of a diffusion pipeline, plus the two that compose them:
+The six part categories of a diffusion pipeline, the two that compose them, and CLI commands:
 
 ===========================  ================================================================================
 hook                         registers
@@ -21,6 +21,7 @@ qi_register_memory_policies  where weights live and when they move
 qi_register_training_tasks   losses and data steps for ``qi train``
 qi_register_adapters         weight adapters (LoRA-like) and named adapter bundles composable by name
 qi_register_pipelines        recipes: a named composition of the parts above
+qi_register_commands         ``qi`` sub-commands (``qi lora convert``, ``qi i2l`` …)
 ===========================  ================================================================================
 
 The runtime protocols of the registered objects (what an injector's methods receive, what a denoiser is
@@ -129,6 +130,16 @@ def qi_register_pipelines(register: Register) -> None:
     """
 
 
+@hookspec
+def qi_register_commands(register: Register) -> None:
+    """Register ``qi`` sub-commands: ``register(name, configure)``.
+
+    ``configure(parser)`` receives the sub-command's ``argparse.ArgumentParser``, adds its arguments and calls
+    ``parser.set_defaults(func=run)`` where ``run(args) -> int`` is the exit status. Import heavy modules
+    inside ``run``. Called once per plugin at load time.
+    """
+
+
 HOOKS: tuple[str, ...] = (
     "qi_register_encoders",
     "qi_register_denoisers",
@@ -138,6 +149,7 @@ HOOKS: tuple[str, ...] = (
     "qi_register_training_tasks",
     "qi_register_adapters",
     "qi_register_pipelines",
+    "qi_register_commands",
 )
 
 # hook name -> registry kind it fills
@@ -150,4 +162,5 @@ HOOK_KINDS: dict[str, str] = {
     "qi_register_training_tasks": "training_task",
     "qi_register_adapters": "adapter",
     "qi_register_pipelines": "pipeline",
+    "qi_register_commands": "command",
 }

@@ -17,6 +17,7 @@ KINDS = (
     "training_task",
     "adapter",
     "pipeline",
+    "command",
 )
 
 

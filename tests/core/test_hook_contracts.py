@@ -42,7 +42,11 @@ def test_each_hook_registers_into_its_kind(name):
     part = f"contract-{kind}"
 
     def impl(register):
-        if kind == "pipeline":
+        if kind == "command":
+            register(
+                part, lambda parser: parser.set_defaults(func=lambda args: 0), aliases=(part + "-alias",)
+            )
+        elif kind == "pipeline":
             register(Recipe(name=part, description="d", components={}, scheduler="qwen-image"))
         else:
             register(part, object, aliases=(part + "-alias",))
@@ -65,3 +69,25 @@ def test_api_version_is_declared_by_first_party_plugins():
     import qi_plugins.qwen_image
 
     assert qi_plugins.qwen_image.QI_HOOK_API == qi_plugins.memory.QI_HOOK_API == hookspecs.HOOK_API_VERSION
+
+
+def test_plugin_commands_become_subcommands():
+    from qi_core.cli import main
+
+    plugins_mod.reset()
+    seen = []
+
+    def configure(parser):
+        parser.add_argument("word")
+        parser.set_defaults(func=lambda args: seen.append(args.word) or 0)
+
+    qi.register_plugin(
+        plugins_mod.plugin_module(
+            "cmd_plugin", qi_register_commands=lambda register: register("echo", configure)
+        )
+    )
+    try:
+        assert main(["echo", "hello"]) == 0
+        assert seen == ["hello"]
+    finally:
+        plugins_mod.reset()
