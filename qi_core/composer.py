@@ -23,13 +23,15 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
 
     ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
     Hugging Face). Defaults to the recipe's own model id. ``adapters``: registered adapter names or
-    :class:`~qi_core.protocols.Adapter` instances, applied in order. ``memory``: a memory policy name.
+    :class:`~qi_core.protocols.Adapter` instances, applied in order. ``memory``: a memory policy or preset
+    name for every component, or ``{role: name}`` per component (roles not named stay resident), or policy
+    objects.
     ``components``: per-role weights overriding the recipe (a folder, a file, a list of files or a
     :class:`~qi_core.loading.ModelConfig`), e.g. ``{"blockwise_controlnet": ["canny.safetensors"]}``.
     """
     import torch
 
-    from qi_core.loading import component_folder, component_source, resolve_model_root
+    from qi_core.loading import component_folder, component_source, loading_policy, resolve_model_root
     from qi_core.pipeline import Pipeline
 
     reg = host().registry
@@ -46,11 +48,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
         subfolders = [c.subfolder for c in recipe.components.values() if c.subfolder]
         root = resolve_model_root(source, [*subfolders, "tokenizer", "scheduler"], downloader=downloader)
 
-    policy = reg.get("memory_policy", memory).load()() if isinstance(memory, str) else memory
+    policies = memory_policies(memory, list(recipe.components))
+    overrides = dict(components or {})  # read before ``components`` is reused for the loaded parts below
     components: dict[str, Any] = {}
     roles = list(recipe.components.items())
     bar = _bar(len(roles), f"loading {name}", progress)
-    overrides = dict(components or {})
     unknown = [r for r in overrides if r not in recipe.components]
     if unknown:
         raise InvalidInputError(
@@ -71,20 +73,40 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
         else:
             folder = component_folder(Path(root), comp.subfolder) if comp.subfolder else Path(root)
         factory = reg.get(comp.kind, comp.part).load()
-        obj = factory(root=Path(root), folder=folder, device="cpu", dtype=dtype)
-        components[role] = policy.attach(obj, device=device, dtype=dtype)
+        with loading_policy(policies[role], device=device, dtype=dtype):
+            obj = factory(root=Path(root), folder=folder, device="cpu", dtype=dtype)
+        components[role] = policies[role].attach(obj, device=device, dtype=dtype)
         bar.update(1)
     bar.close()
 
     scheduler = reg.get("scheduler", recipe.scheduler).load()()
     injectors = [reg.get("injector", n).load()() for n in recipe.injectors]
     pipe = Pipeline(name, components, scheduler, injectors, device=device, dtype=dtype,
-                    defaults=dict(recipe.defaults), memory=policy, model=os.fspath(source))  # fmt: skip
+                    defaults=dict(recipe.defaults), memory=policies, model=os.fspath(source))  # fmt: skip
     for a in (*recipe.adapters, *adapters):
         adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
         adapter.apply(pipe)
         pipe.adapters.append(adapter)
     return pipe
+
+
+def memory_policies(memory: Any, roles: list[str]) -> dict[str, Any]:
+    """One policy object per component role. Factories are called as ``factory(role=role)``."""
+    reg = host().registry
+
+    def make(spec: Any, role: str) -> Any:
+        if isinstance(spec, str):
+            return reg.get("memory_policy", spec).load()(role=role)
+        return spec
+
+    if isinstance(memory, dict):
+        unknown = [r for r in memory if r not in roles]
+        if unknown:
+            raise InvalidInputError(
+                f"memory names component {unknown[0]!r}; components are {', '.join(roles)}"
+            )
+        return {r: make(memory.get(r, "none"), r) for r in roles}
+    return {r: make(memory, r) for r in roles}
 
 
 TINY = "tiny"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +246,12 @@ def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "c
     """Build a module without allocating (meta device), check and assign the weights, cast, eval."""
     import torch
 
+    active = _LOADING.get()
+    if active is not None and hasattr(active[0], "load"):
+        policy, kw = active
+        loaded = policy.load(build, files, what=what, **kw)
+        if loaded is not None:  # the policy reads the weights itself (lazily, from disk …)
+            return loaded
     with torch.device("meta"):
         module = build()
     sd = read_state_dict(files)
@@ -255,3 +263,17 @@ def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "c
     if dtype is not None:
         module = module.to(dtype=dtype)
     return module.to(device).eval().requires_grad_(False)
+
+
+_LOADING: ContextVar[tuple[Any, dict[str, Any]] | None] = ContextVar("qi_loading_policy", default=None)
+
+
+@contextmanager
+def loading_policy(policy: Any, **kw: Any):
+    """While active, :func:`load_module` lets ``policy.load(build, files, device=, dtype=, what=)`` load
+    the module (a policy that keeps weights on disk reads them lazily instead)."""
+    token = _LOADING.set((policy, kw))
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)

@@ -56,6 +56,7 @@ class RunState:
     noise: torch.Tensor | None = None  # (F, C, h, w)
     latents: torch.Tensor | None = None
     target_frames: int = 1  # frames of the target (layered sets more in prepare)
+    frames_as_list: bool = False  # return a list of images even for one frame (layered, layer_num=0)
     prompts: dict[str, list[TextSegment]] = field(default_factory=dict)  # side → text segments
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -78,7 +79,8 @@ class Pipeline:
 
     def __init__(self, name: str, components: dict[str, Any], scheduler: Any, injectors: Iterable[Injector],
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 defaults: dict[str, Any] | None = None, memory: Any = None, model: str | None = None):  # fmt: skip
+                 defaults: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
+                 model: str | None = None):  # fmt: skip
         self.name = name
         self.components = dict(components)
         self.scheduler = scheduler
@@ -89,6 +91,7 @@ class Pipeline:
         self.model = model
         self.adapters: list[Any] = []
         self.tracer: Callable[[str, torch.Tensor], None] | None = None  # sees every intermediate tensor
+        self.batch_cfg = True  # run the CFG sides through each denoiser layer together
 
     # -- parts -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # pipe.dit, pipe.vae, pipe.text_encoder
@@ -100,9 +103,10 @@ class Pipeline:
     def using(self, role: str):
         """Context manager around one use of a component (the memory policy moves weights here)."""
         model = self.components.get(role)
-        if self.memory is None or model is None:
+        policy = (self.memory or {}).get(role)
+        if policy is None or model is None:
             return nullcontext(model)
-        return self.memory.use(model)
+        return policy.use(model)
 
     @property
     def size_multiple(self) -> int:
@@ -239,36 +243,64 @@ class Pipeline:
                 self.trace("prompt_emb" if side == "positive" else "negative_prompt_emb", seg.emb)
 
     def denoise(self, state: RunState) -> torch.Tensor:
+        with self.using("dit") as dit:
+            dit = dit or self.components["dit"]
+            try:
+                return self._loop(state, dit)
+            finally:
+                if getattr(dit, "step_cache", None) is not None:
+                    dit.step_cache = None
+                    self.memory["dit"].skip_parameters(set())
+
+    def _fill_step_cache(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> None:
+        """When the memory policy streams the denoiser's layers and the denoiser can precompute per-timestep
+        state (``fill_step_cache``), do it once per call; the weights only that state needs then stay put."""
+        policy = (self.memory or {}).get("dit")
+        if getattr(policy, "wants_step_cache", False) and hasattr(dit, "fill_step_cache"):
+            dit.fill_step_cache(inputs, timesteps.to(self.device, self.dtype))
+            policy.skip_parameters(dit.step_cache_parameters())
+
+    def _loop(self, state: RunState, dit: Any) -> torch.Tensor:
         p = state.params
         latents, sigmas, timesteps = state.latents, state.sigmas, state.timesteps
         n = len(sigmas)
         sides = SIDES if state.cfg else SIDES[:1]
-        with self.using("dit") as dit:
-            dit = dit or self.components["dit"]
-            for i in p["progress_bar_cmd"](range(n)):
-                preds = {}
-                for side in sides:
-                    inp = DenoiseInput(
-                        latents=latents,
-                        timestep=timesteps[i : i + 1].to(device=self.device, dtype=self.dtype),
-                        text=list(state.prompts[side]),
-                        target_frames=state.target_frames,
-                    )
-                    for inj in self.injectors:
-                        inj.denoise_input(self, state, side, i, inp)
-                    preds[side] = dit(inp)
-                    self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
-                v = preds["positive"]
-                if state.cfg:
-                    v = preds["negative"] + p["cfg_scale"] * (preds["positive"] - preds["negative"])
-                self.trace(f"noise_pred_step_{i}", v)
+        for i in p["progress_bar_cmd"](range(n)):
+            inputs = {}
+            for side in sides:
+                inp = DenoiseInput(
+                    latents=latents,
+                    timestep=timesteps[i : i + 1].to(device=self.device, dtype=self.dtype),
+                    text=list(state.prompts[side]),
+                    target_frames=state.target_frames,
+                )
                 for inj in self.injectors:
-                    v = inj.velocity(self, state, i, v, latents)
-                sigma_next = sigmas[i + 1] if i + 1 < n else torch.zeros_like(sigmas[i])
-                latents = latents + v * (sigma_next - sigmas[i]).to(latents.device, latents.dtype)
-                state.latents = latents
-                self.trace(f"latents_step_{i}", latents)
+                    inj.denoise_input(self, state, side, i, inp)
+                inputs[side] = inp
+            if i == 0:
+                self._fill_step_cache(dit, list(inputs.values()), timesteps)
+            preds = self.predict(dit, inputs)
+            for side in sides:
+                self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
+            v = preds["positive"]
+            if state.cfg:
+                v = preds["negative"] + p["cfg_scale"] * (preds["positive"] - preds["negative"])
+            self.trace(f"noise_pred_step_{i}", v)
+            for inj in self.injectors:
+                v = inj.velocity(self, state, i, v, latents)
+            sigma_next = sigmas[i + 1] if i + 1 < n else torch.zeros_like(sigmas[i])
+            latents = latents + v * (sigma_next - sigmas[i]).to(latents.device, latents.dtype)
+            state.latents = latents
+            self.trace(f"latents_step_{i}", latents)
         return latents
+
+    def predict(self, dit: Any, inputs: dict[str, DenoiseInput]) -> dict[str, torch.Tensor]:
+        """The CFG sides together (``forward_many``: each layer runs once for both, so a streamed layer moves
+        once per step) when the denoiser supports it and ``batch_cfg`` is on; else one call per side."""
+        many = getattr(dit, "forward_many", None)
+        if self.batch_cfg and len(inputs) > 1 and many is not None:
+            return dict(zip(inputs, many(list(inputs.values())), strict=True))
+        return {side: dit(inp) for side, inp in inputs.items()}
 
     def decode(self, state: RunState, latents: torch.Tensor) -> Any:
         kind = state.params["output_type"]
@@ -280,7 +312,7 @@ class Pipeline:
         self.trace("image_float", image)
         if kind == "np":
             arrays = [x.permute(1, 2, 0).float().cpu().numpy().astype(np.float32) for x in image]
-            return arrays[0] if state.target_frames == 1 else arrays
-        if state.target_frames == 1:
+            return arrays[0] if state.target_frames == 1 and not state.frames_as_list else arrays
+        if state.target_frames == 1 and not state.frames_as_list:
             return tensor_to_image(image.mean(dim=0))
         return [tensor_to_image(x) for x in image]

@@ -4,8 +4,8 @@ Sequence layout seen by a denoiser (one CFG side)::
 
     [ text segment 0 | … | text segment n-1 | target image tokens | extra image segment 0 | … ]
 
-Text segments come from :attr:`DenoiseInput.text` (the global prompt is the last one; EliGen puts its entity
-prompts before it). Image segments are the target latents, then :attr:`DenoiseInput.images` in order (context
+Text segments come from :attr:`DenoiseInput.text` (the global prompt is the last one; regional-prompt
+injectors put their segments before it). Image segments are the target latents, then :attr:`DenoiseInput.images` in order (context
 image, edit images, layer input …). Every image segment gets its own RoPE frame (its index in that list,
 target = 0, unless the segment says otherwise) and its own modulation index (0 = the step's timestep; other
 indices select :attr:`DenoiseInput.extra_timesteps`). Only the target tokens are returned.

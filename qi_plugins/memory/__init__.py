@@ -1,31 +1,31 @@
-"""Memory policies. ``none``: every model lives on the compute device in the compute dtype."""
+"""Memory policies, per model: ``none``, ``offload``, ``stream``, ``disk``, ``fp8``, and the presets
+``low-vram`` (DiT layers streamed with a 4 GiB budget, other models offloaded) and ``lowest-vram`` (DiT layers
+read from disk). See :mod:`qi_plugins.memory.policies`.
+"""
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Any
 
 from qi_core.hookspecs import hookimpl
 
 QI_HOOK_API = 1
+_P = "qi_plugins.memory.policies"
 
 
-class Resident:
-    """All weights resident on the compute device; using a model costs nothing."""
+def _preset(name: str):
+    def make(role=None, **settings):
+        from qi_plugins.memory.policies import preset
 
-    name = "none"
+        return preset(name)(role, **settings)
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
-        to = getattr(model, "to", None)
-        if callable(to) and hasattr(model, "parameters"):
-            model = model.to(device=device)
-        return model
-
-    @contextmanager
-    def use(self, model: Any):
-        yield model
+    return make
 
 
 @hookimpl
 def qi_register_memory_policies(register):
-    register("none", Resident, aliases=("resident",))
+    register("none", f"{_P}:Resident", aliases=("resident",))
+    register("offload", f"{_P}:ComponentOffload", aliases=("component-offload",))
+    register("stream", f"{_P}:LayerStream", aliases=("layer-stream",))
+    register("disk", f"{_P}:Disk")
+    register("fp8", f"{_P}:FP8Storage")
+    register("low-vram", _preset("low-vram"))
+    register("lowest-vram", _preset("lowest-vram"))

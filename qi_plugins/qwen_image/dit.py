@@ -9,7 +9,7 @@ D head dim · C latent channels · (h, w) latent size · (P, Q) = 2x2 patch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +155,13 @@ class _Proj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
 
+@dataclass
+class ModulationRequest:
+    """Ask a block (through its ``__call__``, so memory policies bring it in) for the modulation of tembs."""
+
+    tembs: list[torch.Tensor]
+
+
 class Block(nn.Module):
     """Dual-stream block: adaLN-modulated attention and MLP on the text and image streams."""
 
@@ -170,10 +177,25 @@ class Block(nn.Module):
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def forward(self, img, txt, temb, rope_img, rope_txt, mask, mod_index):
+    def modulation(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """adaLN parameters from the timestep embeddings (K, B, dim): image (K, B, 6·dim), text (B, 6·dim)."""
+        return _mod_linear(self.img_mod, temb), _mod_linear(self.txt_mod, temb[0])
+
+    def forward(self, img, *args):
+        """One input's tensors, or a list of argument tuples (several independent inputs in one call, so
+        memory policies hooked on this block move its weights once)."""
+        if isinstance(img, list):
+            return [self.one(*a) for a in img]
+        if isinstance(img, ModulationRequest):
+            return [self.modulation(t) for t in img.tembs]
+        return self.one(img, *args)
+
+    def one(self, img, txt, temb, rope_img, rope_txt, mask, mod_index, mods=None):
         # temb: (K, B, dim) — K timestep embeddings; image tokens pick theirs through mod_index (B, N)
-        img_mod = self.img_mod(temb)  # (K, B, 6·dim)
-        txt_mod = self.txt_mod(temb[0])  # text always uses the step timestep
+        if mods is None:
+            img_mod, txt_mod = self.img_mod(temb), self.txt_mod(temb[0])  # text always uses the step timestep
+        else:  # precomputed once per call for this timestep
+            img_mod, txt_mod = mods
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _select(img_mod, mod_index)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, dim=-1)
 
@@ -191,6 +213,14 @@ class Block(nn.Module):
         if img.dtype == torch.float16:  # keep fp16 activations finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
+
+
+def _mod_linear(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """SiLU → Linear with the weights brought to ``x`` (they may live elsewhere under a memory policy)."""
+    lin = seq[1]
+    w = lin.weight.to(x.device, x.dtype)
+    b = lin.bias.to(x.device, x.dtype) if lin.bias is not None else None
+    return F.linear(F.silu(x), w, b)
 
 
 def _select(mod: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -232,6 +262,9 @@ class QwenImageDiT(nn.Module):
         self.norm_out = OutNorm(dim)
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.out_channels)
         self.gradient_checkpointing = False
+        # {(timestep, extra timesteps): per-block modulation}; None = compute inline. Enabled per call by the
+        # pipeline when a memory policy streams the blocks: the modulation weights then never move.
+        self.step_cache: dict | None = None
 
     # -- inputs ----------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -296,6 +329,29 @@ class QwenImageDiT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, inp: DenoiseInput) -> torch.Tensor:
+        return self.forward_many([inp])[0]
+
+    def forward_many(self, inputs: list[DenoiseInput]) -> list[torch.Tensor]:
+        """Several independent inputs (the CFG sides) block by block: each block is called once for all of
+        them, so a streamed block moves once per step, and each input's maths is exactly its own forward."""
+        states = [self._enter(inp) for inp in inputs]
+        for i, block in enumerate(self.transformer_blocks):
+            args = [(s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
+                    for s in states]  # fmt: skip
+            if len(states) == 1 and self.gradient_checkpointing and torch.is_grad_enabled():
+                outs = [torch.utils.checkpoint.checkpoint(block, *args[0], use_reentrant=False)]
+            elif len(states) == 1:
+                outs = [block(*args[0])]
+            else:
+                outs = block(args)
+            for s, inp, (img, txt) in zip(states, inputs, outs, strict=True):
+                for hook in inp.block_hooks:
+                    img = hook(i, img, txt)
+                s["img"], s["txt"] = img, txt
+        return [self._exit(s) for s in states]
+
+    def _enter(self, inp: DenoiseInput) -> dict:
+        """Tokens, embeddings, RoPE tables and masks of one input."""
         p = self.config.patch_size
         x, Fr = inp.latents, inp.target_frames
         dtype = self.img_in.weight.dtype
@@ -323,29 +379,59 @@ class QwenImageDiT(nn.Module):
         ]
         txt_mask = torch.cat(masks, dim=1)
 
-        # timestep embeddings: index 0 = this step, 1.. = extra (e.g. t = 0 for reference tokens)
-        t = inp.timestep.to(device=img.device, dtype=torch.float32).reshape(-1).expand(B) / 1000
-        ts = [t] + [torch.full_like(t, v / 1000) for v in inp.extra_timesteps]
-        temb = self.time_text_embed(torch.cat(ts), dtype).view(len(ts), B, -1)
-        temb = temb + self.extra_conditioning(inp, temb)
+        temb = self.timestep_embedding(inp, B, img.device)
         mod_index = torch.cat(mod_ids).to(img.device)
         mod_index = mod_index[None].expand(B, -1) if bool(mod_index.any()) else None
+        mods = self.cached_modulation(inp, temb) or [None] * len(self.transformer_blocks)
+        return {
+            "img": img, "txt": txt, "temb": temb, "mod_index": mod_index, "mods": mods,
+            "rope": self.rope_tables(inp, grids, [None, *inp.images]),
+            "mask": self.joint_mask(txt_mask, img.shape[1], inp.attention_mask, img.dtype),
+            "n_target": n_target, "hw": (h, w), "frames": Fr,
+        }  # fmt: skip
 
-        rope_img, rope_txt = self.rope_tables(inp, grids, [None, *inp.images])
-        mask = self.joint_mask(txt_mask, img.shape[1], inp.attention_mask, img.dtype)
+    def _exit(self, s: dict) -> torch.Tensor:
+        out = self.proj_out(self.norm_out(s["img"][:, : s["n_target"]], s["temb"][0]))
+        return self.unpatchify(out, *s["hw"], s["frames"])
 
-        for i, block in enumerate(self.transformer_blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                img, txt = torch.utils.checkpoint.checkpoint(
-                    block, img, txt, temb, rope_img, rope_txt, mask, mod_index, use_reentrant=False
-                )
-            else:
-                img, txt = block(img, txt, temb, rope_img, rope_txt, mask, mod_index)
-            for hook in inp.block_hooks:
-                img = hook(i, img, txt)
+    def timestep_embedding(self, inp: DenoiseInput, batch: int, device: torch.device) -> torch.Tensor:
+        """(K, B, dim): index 0 = this step's timestep, 1.. = ``extra_timesteps`` (t = 0 for references)."""
+        dtype = self.img_in.weight.dtype
+        t = inp.timestep.to(device=device, dtype=torch.float32).reshape(-1).expand(batch) / 1000
+        ts = [t] + [torch.full_like(t, v / 1000) for v in inp.extra_timesteps]
+        temb = self.time_text_embed(torch.cat(ts), dtype).view(len(ts), batch, -1)
+        return temb + self.extra_conditioning(inp, temb)
 
-        out = self.proj_out(self.norm_out(img[:, :n_target], temb[0]))
-        return self.unpatchify(out, h, w, Fr)
+    @staticmethod
+    def _cache_key(inp: DenoiseInput, batch: int) -> tuple:
+        return float(inp.timestep.reshape(-1)[0]), tuple(inp.extra_timesteps), batch
+
+    def fill_step_cache(self, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> None:
+        """Precompute every block's adaLN modulation for all timesteps of the call (it depends on nothing
+        else): each block is visited once, then its modulation weights are not needed until the next call."""
+        self.step_cache = {}
+        keys, tembs = [], []
+        for inp in inputs:
+            B, device = inp.latents.shape[0] // inp.target_frames, self.img_in.weight.device
+            for t in timesteps.reshape(-1):
+                step = replace(inp, timestep=t.reshape(1).to(inp.timestep.dtype))
+                key = self._cache_key(step, B)
+                if key not in keys:  # the CFG sides share their timestep embeddings
+                    keys.append(key)
+                    tembs.append(self.timestep_embedding(step, B, device))
+        for blk in self.transformer_blocks:
+            for key, mod in zip(keys, blk(ModulationRequest(tembs)), strict=True):
+                self.step_cache.setdefault(key, []).append(mod)
+
+    def cached_modulation(self, inp: DenoiseInput, temb: torch.Tensor) -> list | None:
+        """Every block's precomputed modulation for this input's timestep, or None (computed inline)."""
+        if self.step_cache is None:
+            return None
+        return self.step_cache.get(self._cache_key(inp, temb.shape[1]))
+
+    def step_cache_parameters(self) -> set[str]:
+        """Names (relative to a block) of the weights only the modulation uses."""
+        return {"img_mod.1.weight", "img_mod.1.bias", "txt_mod.1.weight", "txt_mod.1.bias"}
 
     def extra_conditioning(self, inp: DenoiseInput, temb: torch.Tensor) -> torch.Tensor | float:
         """Added to the timestep embeddings; subclasses (layered) override."""

@@ -46,15 +46,21 @@ class QwenTextEncoder:
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None,
-                      drop: int | None = None, max_tokens: int = MAX_TOKENS) -> TextSegment:  # fmt: skip
-        """Last hidden state (after the final norm) of the templated prompt, prefix dropped; mask all ones."""
+                      drop: int | None = None, max_tokens: int = MAX_TOKENS, processor: Any = None) -> TextSegment:  # fmt: skip
+        """Last hidden state (after the final norm) of the templated prompt, prefix dropped; mask all ones.
+
+        ``processor``: a VL processor for this call (e.g. the edit plugin's torch-only one); default: our own.
+        """
         template = template or T2I_TEMPLATE
         drop = T2I_DROP if drop is None else drop
         if images:
-            if self.processor is None:
+            processor = self.processor if processor is None else processor
+            if processor is None:
                 raise ModelLoadError("prompts with images need the VL processor (processor/ folder)")
-            enc = self.processor(text=[template.format(prompt)], images=list(images), padding=True,
-                                 return_tensors="pt")  # fmt: skip
+            enc = processor(text=[template.format(prompt)], images=list(images), padding=True,
+                            return_tensors="pt")  # fmt: skip
+            # exactly what the official pipelines pass: mm_token_type_ids would switch on 3-D M-RoPE positions
+            enc = {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
         else:
             enc = self.tokenize(prompt, template, drop, max_tokens)
         enc = {k: v.to(self.device) for k, v in enc.items()}

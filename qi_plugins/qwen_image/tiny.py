@@ -99,8 +99,15 @@ def tiny_vae(seed: int, config: VAEConfig = TINY_VAE) -> QwenImageVAE:
     return vae
 
 
-def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,
-                    image_channels: int = 3) -> Path:  # fmt: skip
+def make_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    image_channels: int = 3,
+    dit_config: DiTConfig = TINY_DIT,
+    vae_config: VAEConfig = TINY_VAE,
+) -> Path:
     """Write the tiny model to ``out_dir`` (built in a temporary sibling folder, then renamed into place)."""
     out = Path(out_dir)
     occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
@@ -112,9 +119,11 @@ def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, overwrite: boo
         build_tokenizer(tmp / "tokenizer")
         build_processor(tmp / "processor", tmp / "tokenizer")
         build_text_encoder(tmp / "text_encoder", tmp / "tokenizer", seed=seed)
-        dit = tiny_dit(seed)
+        if dit_config.joint_attention_dim != 64:
+            raise InvalidInputError("the tiny text encoder has hidden size 64; set joint_attention_dim=64")
+        dit = tiny_dit(seed, dit_config)
         _save(dit, tmp / "transformer", _config_json("QwenImageTransformer2DModel", dit.config))
-        vae_cfg = replace(TINY_VAE, input_channels=image_channels)
+        vae_cfg = replace(vae_config, input_channels=image_channels)
         _save(tiny_vae(seed, vae_cfg), tmp / "vae", _config_json("AutoencoderKLQwenImage", vae_cfg))
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(

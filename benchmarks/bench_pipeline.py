@@ -1,0 +1,111 @@
+"""qi vs diffusers on the same random medium-size model, in one process, alternating runs.
+
+    python benchmarks/bench_pipeline.py [--blocks 8 --width 768 --size 512 --steps 4 --repeats 3]
+
+Prints the median of each measurement and the ratio qi / diffusers (lower is better) for the denoising loop,
+the VAE decode and the whole pipeline (text encoding + loop + decode). Float32 on CPU unless --device cuda.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build_model(folder: Path, blocks: int, width: int, vae_base: int) -> Path:
+    from qi_plugins.qwen_image.dit import DiTConfig
+    from qi_plugins.qwen_image.tiny import make_tiny_model
+    from qi_plugins.qwen_image.vae import VAEConfig
+
+    heads = width // 128
+    dit = DiTConfig(num_layers=blocks, num_attention_heads=heads, attention_head_dim=128, joint_attention_dim=64)
+    vae = VAEConfig(base_dim=vae_base)
+    return make_tiny_model(folder, dit_config=dit, vae_config=vae, overwrite=True)
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--vae-base", type=int, default=96, help="VAE base_dim (96 = real Qwen-Image VAE)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import diffusers
+
+    import qi_core as qi
+
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    folder = build_model(Path(tempfile.mkdtemp()) / "medium", args.blocks, args.width, args.vae_base)
+    ours = qi.compose("qwen-image", model=folder, device=args.device, torch_dtype=dtype, progress=False)
+    ref = diffusers.QwenImagePipeline.from_pretrained(folder, dtype=dtype).to(args.device)
+    ref.set_progress_bar_config(disable=True)
+
+    prompt, negative = "a red fox sitting in the snow, watercolor", "blurry, low quality"
+    common = dict(height=args.size, width=args.size, num_inference_steps=args.steps)
+
+    def qi_loop():
+        ours(prompt, negative_prompt=negative, cfg_scale=4.0, seed=0, output_type="latent",
+             progress_bar_cmd=lambda x: x, **common)  # fmt: skip
+
+    def ref_loop():
+        ref(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, generator=torch.Generator().manual_seed(0),
+            output_type="latent", **common)  # fmt: skip
+
+    def qi_full():
+        ours(prompt, negative_prompt=negative, cfg_scale=4.0, seed=0, output_type="pil",
+             progress_bar_cmd=lambda x: x, **common)  # fmt: skip
+
+    def ref_full():
+        ref(prompt=prompt, negative_prompt=negative, true_cfg_scale=4.0, generator=torch.Generator().manual_seed(0),
+            output_type="pil", **common)  # fmt: skip
+
+    z = torch.randn(1, 16, args.size // 8, args.size // 8, device=args.device, dtype=dtype)
+
+    def qi_decode():
+        with torch.inference_mode():
+            ours.vae.decode(z)
+
+    def ref_decode():
+        with torch.inference_mode():
+            ref.vae.decode(z.unsqueeze(2))
+
+    pairs = {"denoising loop": (qi_loop, ref_loop), "VAE decode": (qi_decode, ref_decode),
+             "whole pipeline": (qi_full, ref_full)}  # fmt: skip
+    for fn in (qi_loop, ref_loop, qi_decode, ref_decode):  # warm-up
+        fn()
+    print(f"model: {args.blocks} blocks x width {args.width}, VAE base {args.vae_base}, {args.size}x{args.size}, "
+          f"{args.steps} steps, CFG on, {dtype}, {args.device}, {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"{'measurement':<16} {'qi (s)':>9} {'diffusers (s)':>14} {'ratio':>7}")
+    for name, (a, b) in pairs.items():
+        ta, tb = [], []
+        for _ in range(args.repeats):
+            ta.append(timed(a))
+            tb.append(timed(b))
+        ma, mb = statistics.median(ta), statistics.median(tb)
+        print(f"{name:<16} {ma:>9.3f} {mb:>14.3f} {ma / mb:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""i2L plugin: images → a LoRA for the Qwen-Image DiT (DiffSynth-Studio's Qwen-Image-i2L).
+
+    from qi_plugins.i2l import load_i2l, I2LEncoder, decode, save_lora
+    enc = I2LEncoder.load("General-Image-Encoders/SigLIP2-G384", "General-Image-Encoders/DINOv3-7B")
+    lora = decode([load_i2l("Qwen-Image-i2L-Style.safetensors")], enc.embed(images))
+    save_lora(lora, "style.safetensors")   # then LoRA("style.safetensors").apply(pipe) on any Qwen-Image pipeline
+
+or ``qi i2l IMAGES... --out lora.safetensors``. Registration is cheap: the model and the encoders are imported
+on first attribute access.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qi_core.hookspecs import hookimpl
+
+QI_HOOK_API = 1
+
+_LAZY = {
+    "Image2LoRA": "qi_plugins.i2l.model",
+    "I2LConfig": "qi_plugins.i2l.model",
+    "load_i2l": "qi_plugins.i2l.model",
+    "decode": "qi_plugins.i2l.model",
+    "merge_loras": "qi_plugins.i2l.model",
+    "save_lora": "qi_plugins.i2l.model",
+    "I2LEncoder": "qi_plugins.i2l.encoders",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@hookimpl
+def qi_register_commands(register):
+    from qi_plugins.i2l.cli import configure
+
+    register("i2l", configure, help="turn images into a LoRA for the Qwen-Image DiT (image-to-LoRA)")

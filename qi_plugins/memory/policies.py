@@ -1,0 +1,418 @@
+"""Memory policies: where each model's weights live between uses, and how they reach the compute device.
+
+* ``none``     — everything resident on the compute device.
+* ``offload``  — the whole component lives on the offload device (CPU, pinned) and moves in for each use.
+* ``stream``   — the repeated layers (the largest ``nn.ModuleList``) stay on the offload device, optionally in a
+                 storage dtype (fp8/bf16); a prefix of them stays resident while under ``vram_limit``; the rest
+                 are moved in per forward, the next one prefetched on a side CUDA stream.
+* ``disk``     — like ``stream`` but the layers are read lazily from the safetensors files (memory-mapped,
+                 opened per layer, never the whole file in RAM), the next layer read ahead in a thread.
+* ``fp8``      — ``stream`` with float8_e4m3fn storage and computation in the pipeline dtype.
+
+A streamed model also lets the pipeline precompute the timestep-only adaLN modulation once per call, so the
+modulation weights (a third of the DiT) are never moved during denoising.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qi_core.errors import InvalidInputError
+
+GiB = 1024**3
+
+
+def as_module(model: Any) -> nn.Module | None:
+    """The nn.Module behind a component (wrappers such as the text encoder keep theirs in ``.model``)."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def find_layers(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The largest ModuleList by parameter count (DiT blocks, decoder layers) and its qualified name."""
+    best, best_n = None, 0
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = (name, m), n
+    return best
+
+
+def nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def parse_size(v: Any) -> int | None:
+    """``vram_limit`` in bytes: an int (bytes), a float (GiB), or a string like "8GiB"/"512MB"."""
+    if v is None:
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return int(v) if isinstance(v, int) and v > 1024 else int(float(v) * GiB)
+    if isinstance(v, str):
+        s = v.strip().lower().replace(" ", "")
+        for suffix, mul in (("gib", GiB), ("gb", 10**9), ("mib", 1024**2), ("mb", 10**6)):
+            if s.endswith(suffix):
+                return int(float(s[: -len(suffix)]) * mul)
+        return int(float(s) * GiB)
+    raise InvalidInputError(f"vram_limit must be bytes, GiB or a string like '8GiB', got {v!r}")
+
+
+def _dtype(v: Any) -> torch.dtype | None:
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    try:
+        return {"float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[str(v)]  # fmt: skip
+    except KeyError:
+        raise InvalidInputError(
+            f"unknown dtype {v!r}; use float32, bfloat16, float16 or float8_e4m3fn"
+        ) from None
+
+
+class Resident:
+    """``none``: all weights on the compute device; a use costs nothing."""
+
+    name = "none"
+    wants_step_cache = False
+
+    def __init__(self, role: str | None = None, **settings: Any):
+        self.role, self.settings = role, settings
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        m = as_module(model)
+        if m is not None:
+            m.to(device=device)
+        return model
+
+    @contextmanager
+    def use(self, model: Any) -> Iterator[Any]:
+        yield model
+
+
+class ComponentOffload(Resident):
+    """``offload``: only the component in use sits on the compute device."""
+
+    name = "offload"
+
+    def __init__(
+        self, role: str | None = None, offload_device: Any = "cpu", pin_memory: bool = True, **settings
+    ):
+        super().__init__(role, **settings)
+        self.offload_device = torch.device(offload_device)
+        self.pin = pin_memory
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        self.device = torch.device(device)
+        m = as_module(model)
+        if m is not None:
+            m.to(self.offload_device)
+            if self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu":
+                for t in (*m.parameters(), *m.buffers()):
+                    t.data = t.data.pin_memory()
+        return model
+
+    @contextmanager
+    def use(self, model: Any) -> Iterator[Any]:
+        m = as_module(model)
+        if m is None or self.device == self.offload_device:
+            yield model
+            return
+        kept = {t: t.data for t in (*m.parameters(), *m.buffers())}
+        for t, data in kept.items():
+            t.data = data.to(self.device, non_blocking=True)
+        try:
+            yield model
+        finally:
+            for t, data in kept.items():
+                t.data = data  # the pinned host copy is still the source of truth
+
+
+class _Streamer:
+    """Moves one ModuleList's layers to the compute device around each layer's forward."""
+
+    def __init__(self, layers: nn.ModuleList, device: torch.device, dtype: torch.dtype, resident: int,
+                 fetch: Callable[[int], dict[str, torch.Tensor]], prefetch: bool):  # fmt: skip
+        self.layers, self.device, self.dtype = layers, device, dtype
+        self.resident = resident  # layers [0, resident) stay on the device
+        self.fetch = fetch  # i -> {param name: tensor on its storage device/dtype}
+        self.skip: set[str] = set()  # parameter names not needed in forward (precomputed modulation)
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda and prefetch else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qi-prefetch") if prefetch else None
+        self.pending: dict[int, tuple[Future | None, Any]] = {}
+        self.lock = threading.Lock()
+        self.handles = []
+        for i, layer in enumerate(layers):
+            if i >= resident:
+                self.handles.append(layer.register_forward_pre_hook(self._pre(i)))
+                self.handles.append(layer.register_forward_hook(self._post(i)))
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's tensors on the compute device in the compute dtype (on the side stream when prefetching)."""
+        src = self.fetch(i)
+        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _null()
+        with ctx:
+            out = {}
+            for k, t in src.items():
+                if k in self.skip:
+                    continue
+                dt = self.dtype if t.is_floating_point() else t.dtype
+                out[k] = t.to(self.device, non_blocking=True).to(dt)
+            event = torch.cuda.Event() if self.stream is not None else None
+            if event is not None:
+                event.record(self.stream)
+        return out if event is None else (out, event)
+
+    def _start(self, i: int) -> None:
+        if i >= len(self.layers) or i < self.resident or i in self.pending:
+            return
+        if self.pool is not None:
+            self.pending[i] = (self.pool.submit(self._load, i), None)
+
+    def _take(self, i: int) -> dict[str, torch.Tensor]:
+        fut = self.pending.pop(i, (None, None))[0]
+        got = fut.result() if fut is not None else self._load(i)
+        if isinstance(got, tuple):
+            got, event = got
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in got.values():
+                t.record_stream(current)  # allocated on the side stream, used and freed on this one
+        return got
+
+    def drain(self) -> None:
+        """Forget read-ahead layers (the weights may change before the next use)."""
+        for fut, _ in self.pending.values():
+            if fut is not None:
+                fut.result()
+        self.pending.clear()
+
+    def _pre(self, i: int):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._start(i)
+            module._qi_kept = {k: _swap(module, k, t) for k, t in self._take(i).items()}
+            nxt = i + 1 if i + 1 < len(self.layers) else self.resident
+            self._start(nxt)  # read ahead while this layer computes (wraps to the first streamed layer)
+
+        return hook
+
+    def _post(self, i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            for k, old in module._qi_kept.items():
+                _swap(module, k, old)
+            module._qi_kept = {}
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _swap(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
+    """Put ``value`` in place of the parameter or buffer ``name``; return what was there. Swapping the
+    objects (not ``.data``) works across devices, meta included."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
+    else:
+        old = owner._buffers[attr]
+        owner._buffers[attr] = value
+    return old
+
+
+@contextmanager
+def _null():
+    yield
+
+
+class LayerStream(Resident):
+    """``stream``: repeated layers live on the offload device and are moved in per forward."""
+
+    name = "stream"
+    wants_step_cache = True
+
+    def __init__(self, role: str | None = None, vram_limit: Any = None, offload_device: Any = "cpu",
+                 offload_dtype: Any = None, prefetch: bool = True, pin_memory: bool = True, **settings):  # fmt: skip
+        super().__init__(role, **settings)
+        self.vram_limit = parse_size(vram_limit)
+        self.offload_device = torch.device(offload_device)
+        self.storage_dtype = _dtype(offload_dtype)
+        self.prefetch, self.pin = prefetch, pin_memory
+        self.streamer: _Streamer | None = None
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        self.device, self.dtype = torch.device(device), dtype
+        m = as_module(model)
+        found = find_layers(m) if m is not None else None
+        if found is None:  # nothing repeated to stream: keep the whole component resident
+            return super().attach(model, device=device, dtype=dtype)
+        name, layers = found
+        self._place_rest(m, layers)
+        resident = self._resident_count(m, layers)
+        for i, layer in enumerate(layers):
+            if i < resident:
+                layer.to(self.device)
+            else:
+                self._store(layer)
+        fetch = lambda i: dict(layers[i].named_parameters()) | dict(layers[i].named_buffers())  # noqa: E731
+        self.streamer = _Streamer(layers, self.device, dtype, resident, fetch, self.prefetch)
+        self.streamer.fetch = lambda i: {k: v.data for k, v in fetch(i).items()}
+        return model
+
+    def _place_rest(self, m: nn.Module, layers: nn.ModuleList) -> None:
+        inside = {id(t) for t in (*layers.parameters(), *layers.buffers())}
+        for t in (*m.parameters(), *m.buffers()):
+            if id(t) not in inside:
+                t.data = t.data.to(self.device)
+
+    def _resident_count(self, m: nn.Module, layers: nn.ModuleList) -> int:
+        """Leading layers that fit under vram_limit next to the rest of the model and two layers in flight."""
+        if self.vram_limit is None:
+            return 0
+        budget = self.vram_limit - (nbytes(m) - nbytes(layers)) - 2 * nbytes(layers[0])  # 2 in flight
+        k = 0
+        for layer in layers:
+            if budget < nbytes(layer):
+                break
+            budget -= nbytes(layer)
+            k += 1
+        return k
+
+    def _store(self, layer: nn.Module) -> None:
+        for t in (*layer.parameters(), *layer.buffers()):
+            data = t.data.to(self.offload_device)
+            if self.storage_dtype is not None and data.is_floating_point():
+                data = data.to(self.storage_dtype)
+            if self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu":
+                data = data.pin_memory()
+            t.data = data
+
+    @contextmanager
+    def use(self, model: Any) -> Iterator[Any]:
+        try:
+            yield model
+        finally:
+            if self.streamer is not None:
+                self.streamer.drain()
+
+    def skip_parameters(self, names: set[str]) -> None:
+        """Per-layer parameter names the forward no longer needs (precomputed modulation)."""
+        if self.streamer is not None:
+            self.streamer.skip = set(names)
+
+
+class FP8Storage(LayerStream):
+    """``fp8``: layers stored as float8_e4m3fn, cast to the compute dtype per forward."""
+
+    name = "fp8"
+
+    def __init__(self, role: str | None = None, **settings: Any):
+        settings.setdefault("offload_dtype", torch.float8_e4m3fn)
+        super().__init__(role, **settings)
+
+
+class Disk(LayerStream):
+    """``disk``: layers are read from the safetensors files only while they compute."""
+
+    name = "disk"
+
+    def load(self, build: Callable[[], nn.Module], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
+             what: str = "model") -> nn.Module | None:  # fmt: skip
+        from safetensors import safe_open
+
+        from qi_core.loading import check_state_dict
+
+        with torch.device("meta"):
+            module = build()
+        found = find_layers(module)
+        if found is None:
+            return None  # nothing to stream: the default loader reads it whole
+        prefix, layers = found
+        where: dict[str, Path] = {}
+        shapes: dict[str, Any] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as sf:
+                for k in sf.keys():
+                    where[k] = Path(f)
+                    shapes[k] = _Shape(sf.get_slice(k).get_shape())
+        check_state_dict(module.state_dict(), shapes, what)
+        lp = prefix + "."
+        rest = [k for k in where if not k.startswith(lp)]
+        by_file: dict[Path, list[str]] = {}
+        for k in rest:
+            by_file.setdefault(where[k], []).append(k)
+        sd = {}
+        for f, keys in by_file.items():
+            with safe_open(str(f), "pt") as sf:
+                for k in keys:
+                    sd[k] = sf.get_tensor(k)
+        module.load_state_dict(sd, strict=False, assign=True)
+        target_dtype = dtype
+
+        def fetch(i: int) -> dict[str, torch.Tensor]:
+            head = f"{lp}{i}."
+            keys = [k for k in where if k.startswith(head)]
+            out = {}
+            for f in sorted({where[k] for k in keys}):
+                with safe_open(str(f), "pt") as sf:  # opened per layer: the mapping is dropped right after
+                    for k in keys:
+                        if where[k] == f:
+                            t = sf.get_tensor(k)
+                            out[k[len(head) :]] = t.to(target_dtype) if t.is_floating_point() else t
+            return out
+
+        module._qi_disk = (layers, fetch)
+        if dtype is not None:
+            for t in (*module.parameters(), *module.buffers()):
+                if not t.is_meta and t.is_floating_point():
+                    t.data = t.data.to(dtype)
+        return module.eval().requires_grad_(False)
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        m = as_module(model)
+        disk = getattr(m, "_qi_disk", None) if m is not None else None
+        if disk is None:
+            return super().attach(model, device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        layers, fetch = disk
+        self._place_rest(m, layers)
+        self.streamer = _Streamer(layers, self.device, dtype, 0, fetch, self.prefetch)
+        return model
+
+
+class _Shape:
+    def __init__(self, shape: list[int]):
+        self.shape = tuple(shape)
+
+
+def preset(name: str, **overrides: Any) -> Callable[..., Any]:
+    """A named bundle of per-role settings (``memory="low-vram"``)."""
+
+    def make(role: str | None = None, **settings: Any) -> Any:
+        if name == "low-vram":
+            if role == "dit":
+                return LayerStream(role, **{"vram_limit": "4GiB", **overrides, **settings})
+            return ComponentOffload(role, **settings)
+        if name == "lowest-vram":
+            if role == "dit":
+                return Disk(role, **settings)
+            return ComponentOffload(role, **settings)
+        raise InvalidInputError(f"unknown memory preset {name!r}")
+
+    return make
