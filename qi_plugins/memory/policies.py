@@ -147,6 +147,7 @@ class _Streamer:
         self.resident = resident  # layers [0, resident) stay on the device
         self.fetch = fetch  # i -> {param name: tensor on its storage device/dtype}
         self.skip: set[str] = set()  # parameter names not needed in forward (precomputed modulation)
+        self.scales: dict[tuple[int, str], torch.Tensor] = {}  # per-row scales of fp8-stored weights
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda and prefetch else None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="qi-prefetch") if prefetch else None
@@ -168,7 +169,9 @@ class _Streamer:
                 if k in self.skip:
                     continue
                 dt = self.dtype if t.is_floating_point() else t.dtype
-                out[k] = t.to(self.device, non_blocking=True).to(dt)
+                x = t.to(self.device, non_blocking=True).to(dt)
+                scale = self.scales.get((i, k))
+                out[k] = x if scale is None else x * scale.to(self.device, dt, non_blocking=True)
             event = torch.cuda.Event() if self.stream is not None else None
             if event is not None:
                 event.record(self.stream)
@@ -265,14 +268,18 @@ class LayerStream(Resident):
         name, layers = found
         self._place_rest(m, layers)
         resident = self._resident_count(m, layers)
+        scales: dict[tuple[int, str], torch.Tensor] = {}
         for i, layer in enumerate(layers):
             if i < resident:
                 layer.to(self.device)
             else:
-                self._store(layer)
-        fetch = lambda i: dict(layers[i].named_parameters()) | dict(layers[i].named_buffers())  # noqa: E731
+                scales.update({(i, k): v for k, v in self._store(layer).items()})
+
+        def fetch(i: int) -> dict[str, torch.Tensor]:
+            return {k: v.data for k, v in (*layers[i].named_parameters(), *layers[i].named_buffers())}
+
         self.streamer = _Streamer(layers, self.device, dtype, resident, fetch, self.prefetch)
-        self.streamer.fetch = lambda i: {k: v.data for k, v in fetch(i).items()}
+        self.streamer.scales = scales
         return model
 
     def _place_rest(self, m: nn.Module, layers: nn.ModuleList) -> None:
@@ -294,14 +301,23 @@ class LayerStream(Resident):
             k += 1
         return k
 
-    def _store(self, layer: nn.Module) -> None:
-        for t in (*layer.parameters(), *layer.buffers()):
+    def _store(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Move a layer to the offload device in the storage dtype; return the per-row scales of weights
+        stored in 8 bits (without a scale, small weights would fall into float8's subnormal range)."""
+        scales = {}
+        for name, t in (*layer.named_parameters(), *layer.named_buffers()):
             data = t.data.to(self.offload_device)
-            if self.storage_dtype is not None and data.is_floating_point():
+            fp8 = self.storage_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            if fp8 and data.is_floating_point() and data.ndim >= 2:
+                amax = data.float().abs().amax(dim=tuple(range(1, data.ndim)), keepdim=True)
+                scale = (amax / torch.finfo(self.storage_dtype).max).clamp_min(1e-12)
+                data, scales[name] = (data.float() / scale).to(self.storage_dtype), scale
+            elif self.storage_dtype is not None and data.is_floating_point() and not fp8:
                 data = data.to(self.storage_dtype)
             if self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu":
                 data = data.pin_memory()
             t.data = data
+        return scales
 
     @contextmanager
     def use(self, model: Any) -> Iterator[Any]:

@@ -50,19 +50,22 @@ def test_batched_cfg_equals_separate_passes(baseline):
     assert abs(torch.from_numpy(pipe(**T2I)) - WANT["image_float"][0].permute(1, 2, 0)).max() <= 1e-4
 
 
-def test_streamed_layers_live_off_device_between_uses():
+def test_fp8_storage_keeps_layers_in_8_bits_with_row_scales():
     from qi_plugins.memory.policies import LayerStream
 
+    ref = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)
     pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory="fp8")
     policy = pipe.memory["dit"]
     assert isinstance(policy, LayerStream)
     block = pipe.components["dit"].transformer_blocks[0]
     assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn  # stored in fp8 …
-    out = pipe(**NON_SQUARE)  # … computed in float32: close to, not equal to, the float32 weights
+    # … dequantised per row to within float8_e4m3's half-ulp (2^-4 relative to the row maximum)
+    w = ref.components["dit"].transformer_blocks[0].attn.to_q.weight
+    deq = block.attn.to_q.weight.float() * policy.streamer.scales[(0, "attn.to_q.weight")]
+    assert ((deq - w).abs() / w.abs().amax(dim=1, keepdim=True)).max() <= 2**-4
+    out = pipe(**NON_SQUARE)  # computed in float32
     assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn
-    ref = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)(**NON_SQUARE)
-    rel = abs(out - ref).max() / abs(ref).max()
-    assert 0 < rel < 0.2, rel
+    assert torch.isfinite(torch.from_numpy(out)).all() and abs(out - ref(**NON_SQUARE)).max() > 0
 
 
 def test_disk_policy_keeps_layers_on_disk():
