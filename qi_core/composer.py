@@ -18,7 +18,8 @@ def default_dtype(device: str) -> Any:
 
 def compose(name: str, model: str | os.PathLike | None = None, *, device: str = "cpu", torch_dtype: Any = None,
             adapters: list[Any] | tuple[Any, ...] = (), memory: str | Any = "none",
-            components: dict[str, Any] | None = None, downloader: Any = None, progress: bool = True) -> Any:  # fmt: skip
+            components: dict[str, Any] | None = None, downloader: Any = None, progress: bool = True,
+            roles: Any = None) -> Any:  # fmt: skip
     """Build the pipeline ``name`` (see ``qi pipelines``) with weights from ``model``.
 
     ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
@@ -28,6 +29,8 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     objects.
     ``components``: per-role weights overriding the recipe (a folder, a file, a list of files or a
     :class:`~qi_core.loading.ModelConfig`), e.g. ``{"blockwise_controlnet": ["canny.safetensors"]}``.
+    ``roles``: load only these component roles (the others stay absent), e.g. ``{"dit"}`` for the second
+    stage of split training; None loads every role.
     """
     import torch
 
@@ -45,20 +48,26 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     if source == TINY and not Path(TINY).is_dir():
         root = tiny_model(recipe)
     else:
-        subfolders = [c.subfolder for c in recipe.components.values() if c.subfolder]
+        subfolders = [
+            c.subfolder for r, c in recipe.components.items() if c.subfolder and (roles is None or r in roles)
+        ]
         root = resolve_model_root(source, [*subfolders, "tokenizer", "scheduler"], downloader=downloader)
 
     policies = memory_policies(memory, list(recipe.components))
     overrides = dict(components or {})  # read before ``components`` is reused for the loaded parts below
     components: dict[str, Any] = {}
+    only = None if roles is None else set(roles)
     roles = list(recipe.components.items())
     bar = _bar(len(roles), f"loading {name}", progress)
-    unknown = [r for r in overrides if r not in recipe.components]
+    unknown = [r for r in (*overrides, *(only or ())) if r not in recipe.components]
     if unknown:
         raise InvalidInputError(
             f"pipeline {name!r} has no component {unknown[0]!r}; its components are {', '.join(recipe.components)}"
         )
     for role, comp in roles:
+        if only is not None and role not in only:
+            bar.update(1)
+            continue
         if role in overrides:
             folder = component_source(overrides[role], downloader)
         elif comp.model is not None:

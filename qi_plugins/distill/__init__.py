@@ -24,6 +24,14 @@ BASE = {
 }
 
 
+def __getattr__(name: str):  # lazy: registration must not import torch
+    if name in ("DistillLoRA", "dit_weights"):
+        import importlib
+
+        return getattr(importlib.import_module("qi_plugins.distill.parts"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @hookimpl
 def qi_register_denoisers(register):
     register("qwen-image-dit-weights", f"{_P}:dit_weights")
@@ -56,9 +64,13 @@ def qi_register_pipelines(register):
             components={
                 **BASE,
                 # the distilled DiT sits at the root of its own repository, sharded
-                "dit": Component(part="qwen-image-dit-weights", subfolder=None, kind="denoiser",
-                                 model="DiffSynth-Studio/Qwen-Image-Distill-Full",
-                                 pattern="diffusion_pytorch_model*"),  # fmt: skip
+                "dit": Component(
+                    part="qwen-image-dit-weights",
+                    subfolder=None,
+                    kind="denoiser",
+                    model="DiffSynth-Studio/Qwen-Image-Distill-Full",
+                    pattern="diffusion_pytorch_model*",
+                ),  # fmt: skip
             },
             scheduler="qwen-image",
             injectors=("input-image",),

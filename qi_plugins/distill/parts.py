@@ -28,8 +28,10 @@ def dit_weights(root: Path, folder: Path | list[Path], device: Any, dtype: torch
     ``config.json``; the official Qwen-Image configuration (:class:`DiTConfig` defaults) is used then.
     """
     files = weight_files(folder)
-    cfg_path = (Path(folder) if not isinstance(folder, list) and Path(folder).is_dir() else files[0].parent) / (
-        "config.json"
-    )
+    cfg_path = (
+        Path(folder) if not isinstance(folder, list) and Path(folder).is_dir() else files[0].parent
+    ) / ("config.json")
     config = DiTConfig.from_dict(read_json(cfg_path)) if cfg_path.is_file() else DiTConfig()
-    return load_module(lambda: QwenImageDiT(config), files, device=device, dtype=dtype, what=f"DiT ({folder})")
+    return load_module(
+        lambda: QwenImageDiT(config), files, device=device, dtype=dtype, what=f"DiT ({folder})"
+    )

@@ -11,7 +11,8 @@ from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
 PROCESSOR_PART = "qwen2-vl-processor"
 COMPONENTS = {**BASE_COMPONENTS, "processor": Component(part=PROCESSOR_PART, subfolder="processor")}
 INJECTORS = ("input-image", "edit-image")  # img2img / inpaint work with the edit models too, as in DiffSynth
-LOWRES_FIX_LORA = "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix"  # model.safetensors, fused with alpha 1
+LOWRES_FIX_LORA = "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix"  # its model.safetensors, fused with alpha 1
+LOWRES_FIX_FILE = "model.safetensors"
 LOWRES_FIX_ADAPTER = "qwen-image-edit-lowres-fix-lora"
 
 
@@ -27,7 +28,7 @@ def lowres_fix_lora() -> Any:
     """The Lowres-Fix LoRA as an adapter of the LoRA plugin (imported on first use)."""
     from qi_plugins.lora.adapter import LoRA
 
-    return LoRA(LOWRES_FIX_LORA, 1.0)
+    return LoRA(f"{LOWRES_FIX_LORA}:{LOWRES_FIX_FILE}", 1.0, name=LOWRES_FIX_ADAPTER)
 
 
 def recipes(with_lora: bool) -> list[Recipe]:

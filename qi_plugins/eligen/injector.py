@@ -8,7 +8,9 @@ Additive mask (0 / -inf), DiffSynth-Studio's ``process_entity_masks``:
 * global text ↔ every image token;
 * text blocks never see other text blocks; image ↔ image is unrestricted.
 
-Everything reaches the denoiser through ``DenoiseInput.text`` and ``DenoiseInput.attention_mask``.
+Everything reaches the denoiser through ``DenoiseInput.text`` and ``DenoiseInput.attention_mask``; the DiT adds
+-inf for padded text keys on top (``QwenImageDiT.joint_mask``). The mask covers the image segments present when
+this injector runs, so it must come after injectors that append images (recipes list it last).
 
 Axes: n entities · (h, w) latent size · (P, Q) = 2x2 patch · N image tokens · S joint sequence length.
 """

@@ -5,7 +5,8 @@
     lora = decode([load_i2l("Qwen-Image-i2L-Style.safetensors")], enc.embed(images))
     save_lora(lora, "style.safetensors")   # then LoRA("style.safetensors").apply(pipe) on any Qwen-Image pipeline
 
-or ``qi i2l IMAGES... --out lora.safetensors``. Registration is cheap: the model and the encoders are imported
+or in one step ``qi.compose("qwen-image", adapters=[ImageToLoRA(images, encoder=enc)])``, or
+``qi i2l IMAGES... --out lora.safetensors``. Registration is cheap: the model and the encoders are imported
 on first attribute access.
 """
 
@@ -25,6 +26,7 @@ _LAZY = {
     "merge_loras": "qi_plugins.i2l.model",
     "save_lora": "qi_plugins.i2l.model",
     "I2LEncoder": "qi_plugins.i2l.encoders",
+    "ImageToLoRA": "qi_plugins.i2l.adapter",
 }
 __all__ = sorted(_LAZY)
 

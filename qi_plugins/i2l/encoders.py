@@ -22,7 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image
 
 from qi_core.errors import ModelLoadError
@@ -40,10 +42,12 @@ EDIT_TEMPLATE = (
 EDIT_DROP = 64
 CROP = 1024  # every image is first centre-cropped to a square of this side
 RESIDUAL_SIDE = {False: 28 * 8, True: 1024}  # coarse (224²) / fine (1024²) residual image side
+COARSE_TOKENS = (RESIDUAL_SIDE[False] // 28) ** 2 + 7  # 71 = 8x8 merged vision tokens + 7 template tokens
 
 # DiffSynth's hard-coded encoder sizes (used when a folder has no config.json)
 SIGLIP2_G384 = dict(hidden_size=1536, image_size=384, intermediate_size=6144, num_attention_heads=16,
-                    num_hidden_layers=40, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")  # fmt: skip
+                    num_hidden_layers=40, patch_size=16, layer_norm_eps=1e-6,
+                    hidden_act="gelu_pytorch_tanh")  # fmt: skip
 DINOV3_7B = dict(hidden_size=4096, intermediate_size=8192, num_attention_heads=32, num_hidden_layers=40,
                  patch_size=16, image_size=224, layer_norm_eps=1e-5, layerscale_value=1.0, mlp_bias=True,
                  num_register_tokens=4, pos_embed_rescale=2.0, proj_bias=True, query_bias=False, key_bias=False,
@@ -89,7 +93,9 @@ def _load(build, source: Path, rename, rebuild_buffers, what: str) -> torch.nn.M
     rebuild_buffers(model)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ModelLoadError(f"{what}: {left[:3]} were not initialised; this transformers version is not supported")
+        raise ModelLoadError(
+            f"{what}: {left[:3]} were not initialised; this transformers version is not supported"
+        )
     return model
 
 
@@ -100,7 +106,9 @@ def load_siglip2(folder: str | Path, device: Any = "cpu", dtype: torch.dtype = t
     folder = Path(folder)
     base = folder if folder.is_dir() else folder.parent
     cfg = _config(base, SIGLIP2_G384, "vision_config")
-    config = SiglipVisionConfig(**{k: v for k, v in cfg.items() if not k.startswith("_") and k != "model_type"})
+    config = SiglipVisionConfig(
+        **{k: v for k, v in cfg.items() if not k.startswith("_") and k != "model_type"}
+    )
 
     def rename(k: str) -> str | None:
         if k.startswith(("text_model.", "logit_")):
@@ -134,24 +142,47 @@ def load_dinov3(folder: str | Path, device: Any = "cpu", dtype: torch.dtype = to
         model.rope_embeddings = type(model.rope_embeddings)(config)  # its inv_freq is computed, not stored
 
     model = _load(lambda: DINOv3ViTModel(config), folder, rename, rebuild, f"DINOv3 encoder ({folder})")
-    size = config.image_size
-    processor = DINOv3ViTImageProcessor(size={"height": size, "width": size}, resample=Image.BILINEAR,
-                                        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    settings = dict(size={"height": config.image_size, "width": config.image_size}, resample=Image.BILINEAR,
+                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    try:  # DiffSynth's processor (torchvision-backed)
+        processor = DINOv3ViTImageProcessor(**settings)
+    except ImportError:  # no torchvision: the same steps with PIL (bilinear resize, rescale, normalise)
+        processor = PilProcessor(**settings)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), processor
+
+
+class PilProcessor:
+    """Resize (PIL) → ×1/255 → (x − mean) / std → (1, 3, H, W) ``pixel_values``; the fallback when the
+    transformers image processor needs torchvision."""
+
+    def __init__(self, size: dict[str, int], resample: int, image_mean: list[float], image_std: list[float]):
+        self.size, self.resample = (size["width"], size["height"]), resample
+        self.mean = torch.tensor(image_mean).view(3, 1, 1)
+        self.std = torch.tensor(image_std).view(3, 1, 1)
+
+    def __call__(self, images: Image.Image, return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(
+            np.asarray(images.convert("RGB").resize(self.size, self.resample), dtype=np.float32)
+        )
+        x = rearrange(x, "H W C -> C H W") / 255
+        return {"pixel_values": ((x - self.mean) / self.std)[None]}
 
 
 class I2LEncoder:
     """SigLIP2 + DINOv3 (+ the Qwen-VL text encoder for residuals) → the inputs of :class:`Image2LoRA`."""
 
-    def __init__(self, siglip2: tuple[Any, Any], dinov3: tuple[Any, Any], text_encoder: Any = None):
+    def __init__(self, siglip2: tuple[Any, Any], dinov3: tuple[Any, Any], text_encoder: Any = None,
+                 processor: Any = None):  # fmt: skip
         self.siglip2, self.siglip2_processor = siglip2
         self.dinov3, self.dinov3_processor = dinov3
-        self.text_encoder = text_encoder  # a qi text encoder with a VL processor (encode_prompt with images)
+        self.text_encoder = text_encoder  # a qi text encoder (encode_prompt with images)
+        self.processor = processor  # the Qwen2-VL processor for it; None = the text encoder's own
 
     @classmethod
-    def load(cls, siglip2: str | Path, dinov3: str | Path, text_encoder: Any = None, *, device: Any = "cpu",
-             dtype: torch.dtype = torch.float32) -> I2LEncoder:  # fmt: skip
-        return cls(load_siglip2(siglip2, device, dtype), load_dinov3(dinov3, device, dtype), text_encoder)
+    def load(cls, siglip2: str | Path, dinov3: str | Path, text_encoder: Any = None, processor: Any = None, *,
+             device: Any = "cpu", dtype: torch.dtype = torch.float32) -> I2LEncoder:  # fmt: skip
+        return cls(load_siglip2(siglip2, device, dtype), load_dinov3(dinov3, device, dtype), text_encoder,
+                   processor)  # fmt: skip
 
     @torch.no_grad()
     def embed(self, images: Sequence[Any]) -> torch.Tensor:
@@ -160,7 +191,10 @@ class I2LEncoder:
         for image in images:
             image = crop_and_resize(load_image(image, "i2l image"), CROP)
             parts = []
-            for model, processor in ((self.siglip2, self.siglip2_processor), (self.dinov3, self.dinov3_processor)):
+            for model, processor in (
+                (self.siglip2, self.siglip2_processor),
+                (self.dinov3, self.dinov3_processor),
+            ):
                 p = next(model.parameters())
                 pixels = processor(images=image, return_tensors="pt")["pixel_values"].to(p.device, p.dtype)
                 parts.append(model(pixel_values=pixels).pooler_output.float())
@@ -178,6 +212,19 @@ class I2LEncoder:
         out = []
         for image in images:
             image = crop_and_resize(load_image(image, "i2l image"), RESIDUAL_SIDE[highres])
-            seg = self.text_encoder.encode_prompt("", images=[image], template=EDIT_TEMPLATE, drop=EDIT_DROP)
+            extra = {} if self.processor is None else {"processor": self.processor}
+            seg = self.text_encoder.encode_prompt(
+                "", images=[image], template=EDIT_TEMPLATE, drop=EDIT_DROP, **extra
+            )
             out.append(seg.emb.float().reshape(1, -1))
         return torch.stack(out)
+
+    def inputs(self, images: Sequence[Any], models: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """``image2lora_x`` and the residuals the i2L ``models`` need (coarse: 224², fine: 1024² images)."""
+        out = {"image2lora_x": self.embed(images)}
+        lengths = {m.config.residual_length for m in models if m.config.use_residual}
+        if any(n <= COARSE_TOKENS for n in lengths):
+            out["image2lora_residual"] = self.residual(images, highres=False)
+        if any(n > COARSE_TOKENS for n in lengths):
+            out["image2lora_residual_highres"] = self.residual(images, highres=True)
+        return out

@@ -38,7 +38,12 @@ from qi_core.loading import check_state_dict, read_state_dict
 GROUPS: tuple[tuple[tuple[str, int, int], ...], ...] = (
     (("attn.to_q", 1, 1), ("attn.to_k", 1, 1), ("attn.to_v", 1, 1), ("attn.to_out.0", 1, 1)),
     (("img_mlp.net.2", 4, 1), ("img_mod.1", 1, 6)),
-    (("attn.add_q_proj", 1, 1), ("attn.add_k_proj", 1, 1), ("attn.add_v_proj", 1, 1), ("attn.to_add_out", 1, 1)),
+    (
+        ("attn.add_q_proj", 1, 1),
+        ("attn.add_k_proj", 1, 1),
+        ("attn.add_v_proj", 1, 1),
+        ("attn.to_add_out", 1, 1),
+    ),
     (("txt_mlp.net.2", 4, 1), ("txt_mod.1", 1, 6)),
 )
 RESIDUAL_SCALE = 0.05  # DiffSynth's QwenImageImage2LoRAModel.residual_scale
@@ -52,7 +57,9 @@ class I2LConfig:
     use_residual: bool = True  # takes the Qwen-VL residual (coarse, fine); False for style
     compress_dim: int = 128  # bottleneck width of every projection (style: 64)
     rank: int = 4  # LoRA rank per image
-    residual_length: int = 64 + 7  # R: vision tokens + 7 template tokens (coarse 224² → 71, fine 1024² → 1376)
+    residual_length: int = (
+        64 + 7
+    )  # R: vision tokens + 7 template tokens (coarse 224² → 71, fine 1024² → 1376)
     residual_mid_dim: int = 1024  # per-token width after proj_residual.proj_in (fine: 64)
     residual_dim: int = 3584  # D: text-encoder hidden size (Qwen2.5-VL-7B)
     embed_dim: int = 1536 + 4096  # E: SigLIP2-G384 pooled + DINOv3-7B pooled
@@ -176,7 +183,9 @@ class Image2LoRA(nn.Module):
     def merged(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Several images (n, 1, E) (and residuals (n, 1, R·D)) → their LoRAs merged as the seed does."""
         if residual is not None and len(residual) != len(x):
-            raise InvalidInputError(f"{len(x)} image embeddings but {len(residual)} residuals; give one per image")
+            raise InvalidInputError(
+                f"{len(x)} image embeddings but {len(residual)} residuals; give one per image"
+            )
         return decode([self], x, residual)
 
 
@@ -193,7 +202,9 @@ def merge_loras(loras: Sequence[dict[str, torch.Tensor]], alpha: float = 1.0) ->
         key_b = key.replace(".lora_A.", ".lora_B.")
         missing = [i for i, lora in enumerate(loras) if key not in lora or key_b not in lora]
         if missing:
-            raise InvalidInputError(f"LoRA #{missing[0]} has no {key!r} / {key_b!r}; all merged LoRAs need the same keys")
+            raise InvalidInputError(
+                f"LoRA #{missing[0]} has no {key!r} / {key_b!r}; all merged LoRAs need the same keys"
+            )
         merged[key] = torch.cat([lora[key] for lora in loras], dim=0) * alpha
         merged[key_b] = torch.cat([lora[key_b] for lora in loras], dim=1)
     return merged
@@ -254,7 +265,9 @@ def load_i2l(path: str | Path, *, config: I2LConfig | None = None, dim: int | No
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def save_lora(lora: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_lora(
+    lora: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Write a LoRA state dict as safetensors, atomically (temporary file in the same folder, then rename)."""
     import os
     import tempfile
@@ -275,7 +288,6 @@ def save_lora(lora: dict[str, torch.Tensor], path: str | Path, metadata: dict[st
     return path
 
 
-
 def decode(models: Sequence[Image2LoRA], x: torch.Tensor, residual: torch.Tensor | None = None,
            residual_highres: torch.Tensor | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """DiffSynth's ``QwenImageUnit_Image2LoRADecode``: every model on every image, all LoRAs merged with
@@ -289,7 +301,9 @@ def decode(models: Sequence[Image2LoRA], x: torch.Tensor, residual: torch.Tensor
         res = None
         if c.use_residual:
             need = c.residual_length * c.residual_dim
-            res = next((r for r in (residual, residual_highres) if r is not None and r[0].numel() == need), None)
+            res = next(
+                (r for r in (residual, residual_highres) if r is not None and r[0].numel() == need), None
+            )
             if res is None:
                 got = [tuple(r.shape) for r in (residual, residual_highres) if r is not None]
                 raise InvalidInputError(

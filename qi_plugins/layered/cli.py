@@ -1,5 +1,6 @@
-"""``qi layered IMAGE --prompt ... --out layers.png``: writes ``layers_0.png`` (the composite) … ``layers_N.png``,
-RGBA PNGs with the generation settings in their text chunks. Heavy imports happen inside :func:`run`."""
+"""``qi layered IMAGE --prompt ... --out layers.png``: writes ``layers_0.png`` (the composite) …
+``layers_N.png``, RGBA PNGs with the generation settings in their text chunks. Heavy imports happen inside
+:func:`run`."""
 
 from __future__ import annotations
 

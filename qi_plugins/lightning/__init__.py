@@ -59,6 +59,14 @@ class BorrowedComponents(Mapping):
         return f"BorrowedComponents({self.recipe!r})"
 
 
+def __getattr__(name: str):  # lazy: registration must not import torch
+    if name in ("LightningAdapter", "LIGHTNING_LORAS", "lightning_lora"):
+        import importlib
+
+        return getattr(importlib.import_module("qi_plugins.lightning.parts"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @hookimpl
 def qi_register_schedulers(register):
     register("qwen-image-lightning", f"{_P}:scheduler")

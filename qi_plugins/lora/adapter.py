@@ -116,7 +116,8 @@ class LoRA(Adapter):
     """A LoRA on one pipeline component (``target``, default the DiT).
 
     ``source``: a ``.safetensors`` path or a state dict in the DiffSynth, PEFT/diffusers, kohya or ComfyUI
-    layout (see :mod:`qi_plugins.lora.formats`), or a hub file ``ORG/NAME[:file.safetensors]``. ``scale``: the strength (DiffSynth's ``load_lora(alpha=)``).
+    layout (see :mod:`qi_plugins.lora.formats`), or a hub file ``ORG/NAME[:file.safetensors]``.
+    ``scale``: the strength (DiffSynth's ``load_lora(alpha=)``).
     ``fuse``: merge into the weights (fast, default) or keep separate branches (hot-swappable).
     ``strict``: every LoRA module must match a module of the target (else ``WeightMismatchError``).
     ``exact_restore``: keep the weights before fusing so ``remove`` restores them exactly.
@@ -138,9 +139,8 @@ class LoRA(Adapter):
         self._key = f"{re.sub(r'[^0-9A-Za-z_]', '_', self.name)}_{next(_ids)}"  # branch key: no dots
         self._weights: dict[str, LoRAWeight] | None = None
         self._model: nn.Module | None = None
-        self._applied: list[
-            tuple[str, nn.Module, LoRAWeight]
-        ] = []  # (path, fused module or wrapper, weights)
+        # (module path, the layer whose weight or branches changed, its LoRA weights)
+        self._applied: list[tuple[str, nn.Module, LoRAWeight]] = []
 
     def __repr__(self) -> str:
         mode = "fused" if self.fuse else "unfused"
@@ -208,6 +208,11 @@ class LoRA(Adapter):
         """Change the strength in place (hot swap): instant for branches, a re-fusion for fused weights."""
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise InvalidInputError(f"LoRA scale must be a number, got {scale!r}")
+        if self._applied and self.fuse and not self.exact_restore:
+            raise InvalidInputError(
+                "this fused LoRA kept no copy of the original weights (exact_restore=False); remove() it and "
+                "apply a new LoRA with the wanted scale"
+            )
         self.scale = float(scale)
         for _, module, w in self._applied:
             if not self.fuse:
@@ -246,8 +251,7 @@ class LoRA(Adapter):
             plan.append((path, base, w))
         if unmatched and (self.strict or not plan):
             some = ", ".join(repr(u) for u in unmatched[:3])
-            examples = ", ".join(p for p, m in index.items() if _has_matrix(m))
-            examples = ", ".join(examples.split(", ")[:3])
+            examples = ", ".join([p for p, m in index.items() if _has_matrix(m)][:3])
             raise WeightMismatchError(
                 f"LoRA {self.name!r}: {len(unmatched)} of {len(self.weights)} LoRA modules match no module of the "
                 f"{self.target} (e.g. {some}); its Linear layers are named like {examples}. Is this LoRA for "
@@ -291,8 +295,12 @@ def logical_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _fuse(weight: torch.Tensor, w: LoRAWeight, scale: float) -> None:
+    """``W += scale · delta`` in float32 (float64 weights stay float64), rounded once to the weight's dtype."""
+    compute = (
+        torch.promote_types(weight.dtype, torch.float32) if weight.is_floating_point() else torch.float32
+    )
     with torch.no_grad():
-        new = weight.to(torch.float32) + scale * w.delta(weight.device)
+        new = weight.to(compute) + scale * w.delta(weight.device, compute)
         weight.copy_(new.to(weight.dtype))
 
 
@@ -311,8 +319,7 @@ def _unfuse(module: nn.Module, owner: LoRA) -> None:
                     stack[i].before = gone.before
                 _refuse_from(module, i, already_restored=True)
         else:  # no snapshot: subtract (approximate, rounding of the fused weight stays)
-            new = module.weight.to(torch.float32) - gone.scale * gone.weight.delta(module.weight.device)
-            module.weight.copy_(new.to(module.weight.dtype))
+            _fuse(module.weight, gone.weight, -gone.scale)
     if not stack:
         del module.__dict__["_qi_lora_fused"]
 

@@ -83,12 +83,12 @@ class LoRAWeight:
         """``alpha / rank`` (1 without alpha)."""
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
 
-    def delta(self, device: Any = None) -> torch.Tensor:
-        """The full-rank update (out, in) in float32, alpha applied to ``down`` first (DiffSynth's order)."""
+    def delta(self, device: Any = None, dtype: Any = None) -> torch.Tensor:
+        """The full-rank update (out, in), float32 unless asked, alpha applied to ``down`` first (DiffSynth)."""
         import torch
 
-        down = self.down.to(device=device, dtype=torch.float32)
-        up = self.up.to(device=device, dtype=torch.float32)
+        down = self.down.to(device=device, dtype=dtype or torch.float32)
+        up = self.up.to(device=device, dtype=dtype or torch.float32)
         return up @ (down * self.scale) if self.alpha is not None else up @ down
 
 
@@ -114,12 +114,10 @@ def flatten_name(name: str) -> str:
 
 def _split_key(key: str) -> tuple[str, str] | None:
     """A state-dict key → (module name, "down" | "up" | "alpha"), or None when it is no LoRA key."""
-    for suffix, part in _SUFFIXES:
-        if key.endswith(suffix):
-            stem = key[: -len(suffix)]
-            break
-    else:
+    found = next(((key[: -len(sfx)], part) for sfx, part in _SUFFIXES if key.endswith(sfx)), None)
+    if found is None:
         return None
+    stem, part = found
     if stem.startswith(_KOHYA):
         return unflatten_name(stem[len(_KOHYA) :]), part
     for prefix in _PREFIXES:

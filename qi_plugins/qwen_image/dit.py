@@ -216,8 +216,11 @@ class Block(nn.Module):
 
 
 def _mod_linear(seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """SiLU → Linear with the weights brought to ``x`` (they may live elsewhere under a memory policy)."""
+    """SiLU → Linear; weights that live elsewhere (under a memory policy) are brought to ``x``."""
     lin = seq[1]
+    on_device = lin.weight.device == x.device and lin.weight.dtype == x.dtype
+    if on_device or type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+        return seq(x)  # also the path for adapters that wrap or hook the Linear
     w = lin.weight.to(x.device, x.dtype)
     b = lin.bias.to(x.device, x.dtype) if lin.bias is not None else None
     return F.linear(F.silu(x), w, b)

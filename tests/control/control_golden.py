@@ -30,9 +30,7 @@ def components_for(case: dict) -> dict[str, Any]:
 
 
 def compose_for(name: str, case: dict):
-    return qi.compose(
-        CASES[name], model=GOLDEN_MODEL, progress=False, components=components_for(case)
-    )
+    return qi.compose(CASES[name], model=GOLDEN_MODEL, progress=False, components=components_for(case))
 
 
 def _value(v: Any, folder) -> Any:
@@ -100,7 +98,7 @@ class Recorder:
         )
 
 
-def run(pipe, args: dict[str, Any], record: bool = False):
+def run(pipe, args: dict[str, Any], record: bool = False, output_type: str = "np"):
     """Call ``pipe`` silently; returns (output, traced tensors, recorded DiT calls)."""
     got: dict[str, torch.Tensor] = {}
     pipe.tracer = lambda k, v: got.__setitem__(k, v.detach().clone())
@@ -109,7 +107,7 @@ def run(pipe, args: dict[str, Any], record: bool = False):
         rec = Recorder(pipe.components["dit"])
         pipe.components["dit"] = rec
     try:
-        out = pipe(**args, output_type="np", progress_bar_cmd=lambda x: x)
+        out = pipe(**args, output_type=output_type, progress_bar_cmd=lambda x: x)
     finally:
         pipe.tracer = None
         if rec is not None:

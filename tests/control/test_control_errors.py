@@ -58,7 +58,7 @@ def test_eligen_errors(eligen, change, error, words):
 
 
 def test_eligen_masks_at_another_scale_are_fine(eligen):
-    """Only the aspect ratio must match: a half-size mask gives the same latent mask as NEAREST-resizing."""
+    """Only the aspect ratio must match: half-size masks are accepted (and give the same latent masks here)."""
     pipe, args = eligen
     got = {}
     pipe.tracer = lambda k, v: got.__setitem__(k, v)

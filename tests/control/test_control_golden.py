@@ -9,6 +9,7 @@ import torch
 from control_golden import CASES, golden_run, group
 from PIL import Image
 
+
 @pytest.fixture(scope="module")
 def results():
     return {name: golden_run(name)[1:] for name in CASES}
@@ -27,7 +28,9 @@ def test_every_recorded_tensor_matches(results, name):
         assert diff <= tol[group(key)], f"{name}: {key} differs by {diff:.3g} > {tol[group(key)]}"
         compared.append(key)
     assert {"final_latents", "image_float", "noise_pred_posi_step_0"} <= set(compared)
-    np.testing.assert_allclose(image, want["image_float"][0].permute(1, 2, 0).numpy(), atol=tol["image_float"], rtol=0)
+    np.testing.assert_allclose(
+        image, want["image_float"][0].permute(1, 2, 0).numpy(), atol=tol["image_float"], rtol=0
+    )
     ours8 = ((torch.from_numpy(image) + 1) * 127.5).clip(0, 255).to(torch.uint8).numpy().astype(int)
     ref8 = np.asarray(Image.open(folder / "output.png").convert("RGB")).astype(int)
     d = np.abs(ours8 - ref8)

@@ -182,6 +182,10 @@ def test_recipes():
     assert lowres.model_ids == ("DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix",)
     # the LoRA is part of the recipe exactly when the LoRA plugin can provide it
     assert lowres.adapters == ((LOWRES_FIX_ADAPTER,) if lora_plugin_available() else ())
+    if lowres.adapters:  # building the adapter fetches nothing yet; it names the hub file
+        lora = reg.get("adapter", LOWRES_FIX_ADAPTER).load()()
+        assert lora.source == "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix:model.safetensors"
+        assert lora.scale == 1.0 and lora.target == "dit"
     pipe = edit_pipe("qwen-image-edit-2511")
     assert pipe.parameters()["zero_cond_t"] is True and pipe.parameters()["edit_image_auto_resize"] is True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import GOLDEN_MODEL
 from safetensors.torch import save_file
@@ -38,7 +39,10 @@ def test_i2l_lora_loads_and_changes_the_output(tmp_path):
     from qi_plugins.lora.adapter import LoRA  # the LoRA plugin must exist: fail loudly otherwise
 
     g = torch.Generator().manual_seed(6)
-    emb = {"image2lora_x": torch.randn(2, 1, 16, generator=g), "image2lora_residual": torch.randn(2, 1, 192, generator=g)}
+    emb = {
+        "image2lora_x": torch.randn(2, 1, 16, generator=g),
+        "image2lora_residual": torch.randn(2, 1, 192, generator=g),
+    }
     save_file(emb, str(tmp_path / "emb.safetensors"))
     out = tmp_path / "lora.safetensors"
     argv = ["i2l", "--embeddings", str(tmp_path / "emb.safetensors"), "--i2l", tiny_i2l(tmp_path), "--out", str(out),
@@ -67,3 +71,34 @@ def test_i2l_lora_loads_and_changes_the_output(tmp_path):
         lora.remove(pipe)
     assert np.abs(after - before).max() > 1e-2
     np.testing.assert_array_equal(pipe(**args), before)  # removed cleanly
+
+
+def test_image_to_lora_adapter_applies_and_removes(tmp_path):
+    from qi_plugins.i2l import ImageToLoRA
+    from qi_plugins.i2l.model import load_i2l
+
+    g = torch.Generator().manual_seed(7)
+    emb = {
+        "image2lora_x": torch.randn(1, 1, 16, generator=g),
+        "image2lora_residual": torch.randn(1, 1, 192, generator=g),
+    }
+    model = load_i2l(tiny_i2l(tmp_path))
+    adapter = ImageToLoRA(embeddings=emb, models=[model], scale=0.5)
+    pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)
+    w0 = pipe.dit.transformer_blocks[0].txt_mod[1].weight.detach().clone()
+    adapter.apply(pipe)
+    key = "transformer_blocks.0.txt_mod.1.lora_{}.default.weight"
+    a, b = adapter.lora[key.format("A")], adapter.lora[key.format("B")]
+    torch.testing.assert_close(pipe.dit.transformer_blocks[0].txt_mod[1].weight, w0 + 0.5 * b @ a)
+    adapter.remove(pipe)
+    assert torch.equal(pipe.dit.transformer_blocks[0].txt_mod[1].weight, w0)
+
+
+def test_image_to_lora_needs_inputs():
+    from qi_core.errors import InvalidInputError
+    from qi_plugins.i2l import ImageToLoRA
+
+    with pytest.raises(InvalidInputError, match="needs images"):
+        ImageToLoRA()
+    with pytest.raises(InvalidInputError, match="needs encoder="):
+        ImageToLoRA(["a.png"])

@@ -80,7 +80,9 @@ def test_merging_two_images_concatenates_their_ranks(case, model):
 def test_config_is_inferred_from_the_weights(case):
     sd = load_file(str(WEIGHTS))
     assert infer_config(sd) == I2LConfig(**case[0]["model_init_args"])
-    style = Image2LoRA(I2LConfig(num_blocks=2, use_residual=False, compress_dim=3, rank=2, embed_dim=8, dim=16))
+    style = Image2LoRA(
+        I2LConfig(num_blocks=2, use_residual=False, compress_dim=3, rank=2, embed_dim=8, dim=16)
+    )
     assert infer_config(style.state_dict(), dim=16) == style.config
 
 

@@ -82,4 +82,3 @@ def test_golden_layered_case(pipes, name):
             ref8 = np.asarray(im).astype(int)
         d = np.abs(ours8 - ref8)
         assert d.max() <= 1 and (d > 0).mean() <= 0.005, (png, d.max(), (d > 0).mean())
-

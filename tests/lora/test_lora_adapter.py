@@ -47,7 +47,10 @@ def test_unmatched_keys_name_a_few_and_change_nothing(dit):
         LoRA(foreign).apply(dit_pipe(dit))
     msg = str(e.value)
     assert "5 of 5 LoRA modules match no module of the dit" in msg
-    assert "'double_blocks.0.img_attn.qkv', 'double_blocks.1.img_attn.qkv'" in msg and "Nothing was applied" in msg
+    assert (
+        "'double_blocks.0.img_attn.qkv', 'double_blocks.1.img_attn.qkv'" in msg
+        and "Nothing was applied" in msg
+    )
     assert "img_in" in msg  # shows what the model's layers are called
     # partly matching: refused too (strict), unless strict=False
     lora = random_lora(dit, seed=1)
@@ -55,11 +58,15 @@ def test_unmatched_keys_name_a_few_and_change_nothing(dit):
         "transformer.nope.lora_A.weight": torch.zeros(4, 64),
         "transformer.nope.lora_B.weight": torch.zeros(64, 4),
     }
-    with pytest.raises(WeightMismatchError, match=r"1 of 2 LoRA modules match no module of the dit \(e.g. 'nope'\)"):
+    with pytest.raises(
+        WeightMismatchError, match=r"1 of 2 LoRA modules match no module of the dit \(e.g. 'nope'\)"
+    ):
         LoRA(mixed).apply(dit_pipe(dit))
     assert same(weights(dit), before)
     LoRA(mixed, strict=False).apply(dit_pipe(dit))
-    assert not torch.equal(dit.transformer_blocks[0].attn.to_q.weight, before["transformer_blocks.0.attn.to_q.weight"])
+    assert not torch.equal(
+        dit.transformer_blocks[0].attn.to_q.weight, before["transformer_blocks.0.attn.to_q.weight"]
+    )
 
 
 def test_shape_mismatch_names_the_key(dit):
@@ -97,7 +104,7 @@ def test_several_loras_remove_in_any_order_exactly(dit, fuse_a, fuse_b):
     for name in la:
         w = both.dit.get_submodule(name).weight
         w.data = expected_weight(expected_weight(w, *la[name], 0.7), *lb[name], 1.5)
-    assert (forward(dit) - forward(both.dit)).abs().max() <= 1e-5
+    assert (forward(dit) - forward(both.dit)).abs().max() <= 3e-5  # outputs up to ~5: float32 rounding
     a.remove(pipe)  # the first one first
     assert pipe.adapters == [b]
     only_b = load_dit(DIT)
@@ -165,16 +172,33 @@ def test_fusing_into_weights_that_are_not_loaded_is_refused(dit):
     assert dit.proj_out.qi_lora is not None
 
 
-@pytest.mark.parametrize("memory", ["stream", "offload"])
-def test_memory_policies(memory):
-    lora_file = GOLDEN / "models/extra/lora_alpha.safetensors"
-    call = dict(prompt="a red kite", height=32, width=48, seed=3, num_inference_steps=2, cfg_scale=2.0,
-                output_type="latent", progress_bar_cmd=lambda x: x)  # fmt: skip
-    ref = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, adapters=[LoRA(lora_file)])(**call)
-    for fuse in (True, False):
-        pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory=memory,
-                          adapters=[LoRA(lora_file, fuse=fuse)])  # fmt: skip
-        assert (pipe(**call) - ref).abs().max().item() <= 1e-5, (memory, fuse)
+ALPHA_LORA = GOLDEN / "models/extra/lora_alpha.safetensors"  # it targets img_mod.1 and top-level layers too
+CALL = dict(prompt="a red kite", height=32, width=48, seed=3, num_inference_steps=2, cfg_scale=2.0,
+            output_type="latent", progress_bar_cmd=lambda x: x)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def resident_fused():
+    return qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, adapters=[LoRA(ALPHA_LORA)])(**CALL)
+
+
+@pytest.mark.parametrize(
+    "memory,fuse",
+    [("offload", True), ("offload", False), ("stream", True), ("stream", False), ("disk", False)],
+)
+def test_memory_policies(resident_fused, memory, fuse):
+    """Under real memory policies (layers streamed, or read from disk), fused and unfused LoRAs give the
+    resident fused result."""
+    pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory=memory,
+                      adapters=[LoRA(ALPHA_LORA, fuse=fuse)])  # fmt: skip
+    assert (pipe(**CALL) - resident_fused).abs().max().item() <= 1e-5
+
+
+def test_disk_policy_refuses_fusing():
+    with pytest.raises(ModelLoadError, match=r"its weight is not loaded .* use LoRA\(\.\.\., fuse=False\)"):
+        qi.compose(
+            "qwen-image", model=GOLDEN_MODEL, progress=False, memory="disk", adapters=[LoRA(ALPHA_LORA)]
+        )
 
 
 def test_hub_source_is_fetched_once(tmp_path, monkeypatch):
@@ -190,8 +214,8 @@ def test_hub_source_is_fetched_once(tmp_path, monkeypatch):
     monkeypatch.setitem(loading.DOWNLOADERS, "modelscope", fake)
     for _ in range(2):
         lora = LoRA("Org/Some-LoRA")
-        assert lora.name == "Some-LoRA" and len(lora.weights) == len(lo) // 2
+        assert lora.name == "Some-LoRA" and len(lora.weights) == 34  # every Linear of the tiny DiT
     assert calls == [("Org/Some-LoRA", ["model.safetensors"])]
-    assert len(LoRA("Org/Some-LoRA:other.safetensors").weights) == len(lo) // 2
+    assert len(LoRA("Org/Some-LoRA:other.safetensors").weights) == 34
     assert calls[-1] == ("Org/Some-LoRA", ["other.safetensors"])
     assert load_file(tmp_path / "Org/Some-LoRA/model.safetensors").keys() == lo.keys()

@@ -138,13 +138,17 @@ def test_convert_errors(lora, tmp_path, capsys):
 
 def test_unknown_format_is_a_typed_error():
     full = {"transformer_blocks.0.attn.to_q.weight": torch.zeros(4, 4), "img_in.bias": torch.zeros(4)}
-    with pytest.raises(LoRAFormatError, match=r"not a LoRA: none of its 2 keys .*transformer_blocks\.0\.attn"):
+    with pytest.raises(
+        LoRAFormatError, match=r"not a LoRA: none of its 2 keys .*transformer_blocks\.0\.attn"
+    ):
         read_lora(full)
     with pytest.raises(LoRAFormatError):
         detect_format({})
     mixed = {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2),
              "a.dora_scale": torch.zeros(1, 4), "b.lokr_w1": torch.zeros(2)}  # fmt: skip
-    with pytest.raises(LoRAFormatError, match=r"2 key\(s\) are not LoRA weights: 'a.dora_scale', 'b.lokr_w1'"):
+    with pytest.raises(
+        LoRAFormatError, match=r"2 key\(s\) are not LoRA weights: 'a.dora_scale', 'b.lokr_w1'"
+    ):
         read_lora(mixed)
     with pytest.raises(InvalidInputError, match="a LoRA is a .safetensors path or a state dict"):
         read_lora(42)
@@ -158,6 +162,8 @@ def test_structural_errors_name_the_module():
                        r"\(16, 3\) has rank 3"):  # fmt: skip
         read_lora({"blk.to_q.lora_A.weight": a, "blk.to_q.lora_B.weight": torch.zeros(16, 3)})
     with pytest.raises(WeightMismatchError, match="must be 2-D"):
-        read_lora({"c.lora_down.weight": torch.zeros(4, 8, 3, 3), "c.lora_up.weight": torch.zeros(8, 4, 1, 1)})
+        read_lora(
+            {"c.lora_down.weight": torch.zeros(4, 8, 3, 3), "c.lora_up.weight": torch.zeros(8, 4, 1, 1)}
+        )
     with pytest.raises(WeightMismatchError, match="appears twice"):
         read_lora({"x.lora_A.weight": a, "x.lora_down.weight": a, "x.lora_B.weight": b})

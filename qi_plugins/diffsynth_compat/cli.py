@@ -1,0 +1,63 @@
+"""``qi migrate-diffsynth FILE...``: point DiffSynth-Studio Qwen-Image scripts at qi's compatible front.
+
+Only imports of the names the front provides are rewritten; any other ``diffsynth`` import is reported (the
+script needs a change there by hand). Prints the changed lines; ``--write`` edits the files in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+FRONT = "qi_plugins.diffsynth_compat"
+NAMES = {"QwenImagePipeline", "ModelConfig", "ControlNetInput", "FlowMatchScheduler"}
+_IMPORT = re.compile(
+    r"^(?P<indent>\s*)from\s+(?P<module>diffsynth(?:\.[\w.]+)?)\s+import\s+(?P<names>[^#\n]+?)\s*$"
+)
+
+
+def migrate_source(text: str) -> tuple[str, list[tuple[int, str, str]], list[tuple[int, str]]]:
+    """(new text, [(line number, old, new)], [(line number, diffsynth import left as is)])."""
+    lines = text.splitlines(keepends=True)
+    changed, left = [], []
+    for i, line in enumerate(lines):
+        m = _IMPORT.match(line.rstrip("\r\n"))
+        if m is None:
+            if re.match(r"^\s*(from|import)\s+diffsynth\b", line):
+                left.append((i + 1, line.rstrip()))
+            continue
+        names = [n.strip() for n in m["names"].strip("()").split(",") if n.strip()]
+        if not names or not {n.split(" as ")[0].strip() for n in names} <= NAMES:
+            left.append((i + 1, line.rstrip()))
+            continue
+        end = line[len(line.rstrip("\r\n")) :]
+        new = f"{m['indent']}from {FRONT} import {', '.join(names)}{end}"
+        changed.append((i + 1, line.rstrip(), new.rstrip()))
+        lines[i] = new
+    return "".join(lines), changed, left
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", help="Python files using diffsynth.pipelines.qwen_image")
+    parser.add_argument("--write", action="store_true", help="edit the files in place")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qi_core.errors import InvalidInputError
+
+    status = 0
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise InvalidInputError(f"{name} is not a file")
+        text, changed, left = migrate_source(path.read_text(encoding="utf-8"))
+        for n, old, new in changed:
+            print(f"{path}:{n}: - {old.strip()}\n{path}:{n}: + {new.strip()}")
+        for n, old in left:
+            print(f"{path}:{n}: not migrated (no qi equivalent imported here): {old.strip()}")
+            status = 1
+        if args.write and changed:
+            path.write_text(text, encoding="utf-8")
+    return status
