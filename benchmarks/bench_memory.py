@@ -31,7 +31,9 @@ def build(folder: Path, dit_gb: float, width: int) -> tuple[Path, int]:
     per_block = sum(p.numel() for p in QwenImageDiT(DiTConfig(num_layers=1, num_attention_heads=heads,
                     attention_head_dim=128, joint_attention_dim=64)).transformer_blocks.parameters()) * 4  # fmt: skip
     layers = max(2, round(dit_gb * 1e9 / per_block))
-    cfg = DiTConfig(num_layers=layers, num_attention_heads=heads, attention_head_dim=128, joint_attention_dim=64)
+    cfg = DiTConfig(
+        num_layers=layers, num_attention_heads=heads, attention_head_dim=128, joint_attention_dim=64
+    )
     make_tiny_model(folder, dit_config=cfg, vae_config=TINY_VAE, overwrite=True)
     weights = (folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
     return folder, weights

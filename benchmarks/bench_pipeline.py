@@ -23,7 +23,9 @@ def build_model(folder: Path, blocks: int, width: int, vae_base: int) -> Path:
     from qi_plugins.qwen_image.vae import VAEConfig
 
     heads = width // 128
-    dit = DiTConfig(num_layers=blocks, num_attention_heads=heads, attention_head_dim=128, joint_attention_dim=64)
+    dit = DiTConfig(
+        num_layers=blocks, num_attention_heads=heads, attention_head_dim=128, joint_attention_dim=64
+    )
     vae = VAEConfig(base_dim=vae_base)
     return make_tiny_model(folder, dit_config=dit, vae_config=vae, overwrite=True)
 

@@ -32,7 +32,7 @@ def make_dit(device: str):
 
 
 def inputs(size: int, dtype=torch.bfloat16):
-    from qi_core.protocols import DenoiseInput, TextSegment
+    from qi_core.protocols import TextSegment
 
     g = torch.Generator("cuda").manual_seed(1)
     x = torch.randn(1, 16, size // 8, size // 8, device="cuda", dtype=dtype, generator=g)
@@ -63,7 +63,9 @@ def run_qi(policy_name: str, steps: int, size: int) -> tuple[float, float]:
             t = (sigmas[i : i + 1] * 1000).to(torch.bfloat16)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            v_pos, v_neg = dit.forward_many([DenoiseInput(latents=x, timestep=t, text=[s]) for s in (pos, neg)])
+            v_pos, v_neg = dit.forward_many(
+                [DenoiseInput(latents=x, timestep=t, text=[s]) for s in (pos, neg)]
+            )
             x = x + (v_neg + 4.0 * (v_pos - v_neg)) * -0.02
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -91,8 +93,20 @@ def run_diffusers(steps: int, size: int) -> tuple[float, float]:
             t = torch.full((1,), 1 - i / steps, device="cuda", dtype=torch.bfloat16)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            a = ref(hidden_states=packed, encoder_hidden_states=pos.emb, timestep=t, img_shapes=shapes, return_dict=False)[0]
-            b = ref(hidden_states=packed, encoder_hidden_states=neg.emb, timestep=t, img_shapes=shapes, return_dict=False)[0]
+            a = ref(
+                hidden_states=packed,
+                encoder_hidden_states=pos.emb,
+                timestep=t,
+                img_shapes=shapes,
+                return_dict=False,
+            )[0]
+            b = ref(
+                hidden_states=packed,
+                encoder_hidden_states=neg.emb,
+                timestep=t,
+                img_shapes=shapes,
+                return_dict=False,
+            )[0]
             packed = packed + (b + 4.0 * (a - b)) * -0.02
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

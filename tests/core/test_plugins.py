@@ -43,7 +43,9 @@ def test_first_party_plugins_each_have_their_own_entry_point(fresh_host):
     assert report["qwen_image"]["distribution"] == "qi"
     assert report["qwen_image"]["version"] == qi.__version__
     assert "qi_register_pipelines" in report["qwen_image"]["hooks"]
-    assert {"none", "offload", "stream", "disk", "fp8", "low-vram"} <= set(report["memory"]["provides"]["memory_policy"])
+    assert {"none", "offload", "stream", "disk", "fp8", "low-vram"} <= set(
+        report["memory"]["provides"]["memory_policy"]
+    )
 
 
 def test_broken_plugins_are_reported_and_the_rest_work(with_fixture_plugins):

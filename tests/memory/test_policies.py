@@ -39,7 +39,9 @@ def test_batched_cfg_equals_separate_passes(baseline):
     assert pipe.batch_cfg
     calls = []
     block = pipe.components["dit"].transformer_blocks[0]
-    hook = block.register_forward_pre_hook(lambda m, a: calls.append(len(a[0]) if isinstance(a[0], list) else 1))
+    hook = block.register_forward_pre_hook(
+        lambda m, a: calls.append(len(a[0]) if isinstance(a[0], list) else 1)
+    )
     try:
         out = pipe(**NON_SQUARE)
     finally:
