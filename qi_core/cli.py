@@ -155,9 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in host().registry.entries("command"):
         if entry.name in sub.choices:
             continue  # built-in commands win; the collision is visible in `qi plugins`
-        configure = entry.load()
-        configure(sub.add_parser(entry.name, help=entry.meta.get("help", f"(from plugin {entry.plugin})")))
+        cmd = sub.add_parser(entry.name, help=entry.meta.get("help", f"(from plugin {entry.plugin})"))
+        try:
+            entry.load()(cmd)
+        except Exception as e:  # one broken plugin command must not take the whole CLI down
+            cmd.set_defaults(func=_broken(entry.name, entry.plugin, e))
     return parser
+
+
+def _broken(name: str, plugin: str, error: Exception):
+    def run(args: argparse.Namespace) -> int:
+        print(f"qi: error: command {name!r} of plugin {plugin!r} failed to load: {error}", file=sys.stderr)
+        return 2
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

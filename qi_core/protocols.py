@@ -64,6 +64,11 @@ class DenoiseInput:
 
 @runtime_checkable
 class Denoiser(Protocol):
+    """Required: ``__call__(inp)``. Optional: ``forward_many(inputs) -> list`` (several independent inputs —
+    the CFG sides — layer by layer, so each layer runs, and moves, once per step; each result must equal its
+    own ``__call__``), ``patch_size``, and the step cache (``fill_step_cache``, ``step_cache_parameters``,
+    see :class:`MemoryPolicy`)."""
+
     def __call__(self, inp: DenoiseInput) -> torch.Tensor:
         """Return the velocity of the target latents, shaped like ``inp.latents``."""
 
@@ -140,6 +145,16 @@ class Adapter:
 
 
 class MemoryPolicy(Protocol):
+    """Where one component's weights live. Required: ``attach`` and ``use``. Optional:
+
+    * ``load(build, files, *, device, dtype, what) -> module | None`` — load the module itself (e.g. leave
+      layers on disk); called by :func:`qi_core.loading.load_module` while the policy is active; None = the
+      default loader reads everything.
+    * ``wants_step_cache = True`` + ``skip_parameters(names)`` — the pipeline then asks a denoiser with
+      ``fill_step_cache(inputs, timesteps)`` to precompute its per-timestep state once per call, and tells the
+      policy which per-layer parameters (``denoiser.step_cache_parameters()``) need not move any more.
+    """
+
     name: str
 
     def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 FRONT = "qi_plugins.diffsynth_compat"
 NAMES = {"QwenImagePipeline", "ModelConfig", "ControlNetInput", "FlowMatchScheduler"}
 _IMPORT = re.compile(
-    r"^(?P<indent>\s*)from\s+(?P<module>diffsynth(?:\.[\w.]+)?)\s+import\s+(?P<names>[^#\n]+?)\s*$"
+    r"^(?P<indent>\s*)from\s+(?P<module>diffsynth(?:\.[\w.]+)?)\s+import\s+(?P<names>[^#\n]+?)\s*(?P<comment>#.*)?$"
 )
 
 
@@ -32,7 +32,8 @@ def migrate_source(text: str) -> tuple[str, list[tuple[int, str, str]], list[tup
             left.append((i + 1, line.rstrip()))
             continue
         end = line[len(line.rstrip("\r\n")) :]
-        new = f"{m['indent']}from {FRONT} import {', '.join(names)}{end}"
+        comment = f"  {m['comment']}" if m["comment"] else ""
+        new = f"{m['indent']}from {FRONT} import {', '.join(names)}{comment}{end}"
         changed.append((i + 1, line.rstrip(), new.rstrip()))
         lines[i] = new
     return "".join(lines), changed, left

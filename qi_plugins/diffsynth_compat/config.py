@@ -65,7 +65,7 @@ class ModelConfig(_QiModelConfig):
         return out
 
     def folder(self, downloader: Downloader | None = None) -> Path:
-        """The folder this config names (tokenizer_config / processor_config: ``origin_file_pattern="tokenizer/"``)."""
+        """The folder this config names (``tokenizer_config``, ``processor_config``: pattern ``"tokenizer/"``)."""
         found = self.resolve(downloader)
         if len(found) == 1 and found[0].is_dir():
             return found[0]

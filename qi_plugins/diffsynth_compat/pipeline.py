@@ -9,6 +9,7 @@ defaults and, like DiffSynth's all-units pipeline, accepts every parameter some 
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,16 +24,14 @@ from qi_core.loading import Downloader
 from qi_core.loading import ModelConfig as QiModelConfig
 from qi_core.plugin_host import host
 from qi_plugins.diffsynth_compat.config import _POSITIONAL, ModelConfig, default_tokenizer_config
+from qi_plugins.diffsynth_compat.detect import detect_role
 from qi_plugins.diffsynth_compat.memory import policy_for, policy_name
 from qi_plugins.diffsynth_compat.resolve import Weights, assign_roles, choose_recipe, folder_hint
 from qi_plugins.diffsynth_compat.staging import stage
 
 _DEFAULT_TOKENIZER = object()  # sentinel: DiffSynth's default tokenizer_config
-_OWN = (
-    "pipe",
-    "recipe",
-    "_configs",
-)  # attributes of the wrapper itself; everything else is the qi pipeline's
+# attributes of the wrapper itself; everything else is the qi pipeline's
+_OWN = ("pipe", "recipe", "_configs")
 
 
 def as_model_config(value: Any) -> ModelConfig:
@@ -119,8 +118,6 @@ class QwenImagePipeline:
             chosen = reg.get("pipeline", recipe).load()
         else:
             ids = [w.model_id for w in weights if w.model_id]
-            from qi_plugins.diffsynth_compat.detect import detect_role
-
             roles = {detect_role(w.shapes) for w in weights if w.model_id is None} - {None}
             chosen = choose_recipe(ids, qi.pipelines(), hints, roles)
         by_role = assign_roles(weights, chosen)
@@ -133,7 +130,7 @@ class QwenImagePipeline:
         }
         pipe = qi.compose(chosen.name, model=root, device=device, torch_dtype=torch_dtype, memory=memory,
                           components=overrides, downloader=downloader, progress=progress)  # fmt: skip
-        pipe.defaults = {}  # DiffSynth's call defaults hold whatever the weights are (cfg 4, 1328², 30 steps)
+        pipe.defaults = {}  # DiffSynth has one set of call defaults whatever the weights (cfg 4, 1328², 30 steps)
         return cls(pipe, chosen.name, role_configs)
 
     # -- calling ---------------------------------------------------------------------------------------
@@ -148,6 +145,7 @@ class QwenImagePipeline:
         unknown = [k for k in unknown if k in kwargs]
         if unknown:
             self.add_injectors_for(unknown)
+            self._check_known(kwargs)
         original = self._round_size(kwargs)
         if original is None:
             return self.pipe(**kwargs)
@@ -160,8 +158,7 @@ class QwenImagePipeline:
 
     def add_injectors_for(self, params: Iterable[str]) -> list[str]:
         """Add registered injectors that consume ``params`` (DiffSynth runs every unit; qi adds the injector
-        on first use). Returns the names added; parameters no injector serves are left to the pipeline's
-        own error."""
+        on first use). Returns the names added; a parameter no injector serves is reported by the call."""
         todo = set(params)
         have = {i.name for i in self.pipe.injectors}
         pool = []
@@ -181,6 +178,21 @@ class QwenImagePipeline:
             todo -= set(best.params)
             pool.remove(best)
         return added
+
+    def _check_known(self, kwargs: dict[str, Any]) -> None:
+        accepted = self.pipe.parameters()
+        unknown = [k for k in kwargs if k not in accepted]
+        if not unknown:
+            return
+        known = set(accepted)
+        for entry in host().registry.entries("injector"):
+            known |= set(entry.load()().params)
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InvalidInputError(
+            f"no installed plugin takes the parameter {unknown[0]!r}.{hint} Parameters of this pipeline and its "
+            f"plugins: {', '.join(sorted(known))}"
+        )
 
     def _round_size(self, kwargs: dict[str, Any]) -> tuple[int, int] | None:
         """DiffSynth rounds height/width up to the size multiple (printing a note) and sets the schedule from
@@ -239,8 +251,9 @@ class QwenImagePipeline:
 
         hot = [a for a in self.pipe.adapters if isinstance(a, LoRA) and not a.fuse]
         for a in hot:
-            a.remove(self.pipe)
-            self.pipe.adapters.remove(a)
+            a.remove(self.pipe)  # also drops it from pipe.adapters
+            if a in self.pipe.adapters:
+                self.pipe.adapters.remove(a)
         if verbose >= 1:
             print(f"{len(hot)} LoRA(s) are cleared.")
         return len(hot)

@@ -66,8 +66,12 @@ def choose_recipe(ids: Sequence[str], recipes: Sequence[Recipe], hints: Sequence
     ids, hints, roles = list(dict.fromkeys(ids)), list(dict.fromkeys(hints)), set(roles)
     n_declared = {g: sum(g in r.model_ids for r in recipes) for g in {*ids, *hints}}
     n_served = {g: sum(g in served(r) for r in recipes) for g in {*ids, *hints}}
-    fits = [r for r in recipes if roles <= set(r.components)]
-    candidates = [r for r in fits if set(r.model_ids) & set(ids)] if ids else fits
+
+    def declaring(pool: Sequence[Recipe]) -> list[Recipe]:
+        return [r for r in pool if set(r.model_ids) & set(ids)] if ids else list(pool)
+
+    # recipes with a slot for every detected role; if none has, assign_roles will say which file has no slot
+    candidates = declaring([r for r in recipes if roles <= set(r.components)]) or declaring(recipes)
     if not candidates:
         known = sorted({g for r in recipes for g in r.model_ids})
         what = f"model ids {', '.join(ids)}" if ids else f"weights for {', '.join(sorted(roles))}"

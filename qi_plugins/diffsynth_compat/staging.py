@@ -22,7 +22,7 @@ from typing import Any
 from qi_core.errors import MissingComponentError, ModelLoadError
 from qi_core.loading import weight_files
 from qi_core.recipe import Recipe
-from qi_plugins.diffsynth_compat.detect import INFER_CONFIG
+from qi_plugins.diffsynth_compat.detect import INFER_CONFIG, read_shapes
 from qi_plugins.diffsynth_compat.resolve import Weights
 
 STAGING_VERSION = 1  # bump when the staged layout changes, so old cache entries are not reused
@@ -129,8 +129,6 @@ def _stage_folder(dst: Path, files: list[Path], role: str) -> None:
             if extra.is_file() and extra.suffix != ".safetensors" and not extra.name.endswith(".index.json"):
                 _link(extra.resolve(), dst / extra.name)
     elif role in INFER_CONFIG:
-        from qi_plugins.diffsynth_compat.detect import read_shapes
-
         config = INFER_CONFIG[role](read_shapes(files))
         (dst / "config.json").write_text(json.dumps(config, indent=2))
     else:
@@ -143,8 +141,6 @@ def _stage_folder(dst: Path, files: list[Path], role: str) -> None:
 
 
 def _write_index(dst: Path, files: list[Path]) -> None:
-    from qi_plugins.diffsynth_compat.detect import read_shapes
-
     stem = "model" if all(f.name.startswith("model") for f in files) else "diffusion_pytorch_model"
     weight_map = {k: f.name for f in files for k in read_shapes([f])}
     doc = {

@@ -91,3 +91,22 @@ def test_plugin_commands_become_subcommands():
         assert seen == ["hello"]
     finally:
         plugins_mod.reset()
+
+
+def test_a_broken_plugin_command_does_not_break_the_cli(capsys):
+    from qi_core.cli import main
+
+    plugins_mod.reset()
+
+    def configure(parser):
+        raise ImportError("no module named qi_missing_dependency")
+
+    qi.register_plugin(
+        plugins_mod.plugin_module("bad_cmd", qi_register_commands=lambda register: register("bad", configure))
+    )
+    try:
+        assert main(["pipelines"]) == 0  # everything else still works
+        assert main(["bad"]) == 2
+        assert "qi_missing_dependency" in capsys.readouterr().err
+    finally:
+        plugins_mod.reset()

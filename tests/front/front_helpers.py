@@ -55,6 +55,8 @@ def call_args(case: dict[str, Any], folder: Path) -> dict[str, Any]:
         if isinstance(v, dict) and "$image" in v:
             with Image.open(folder / v["$image"]) as im:
                 return im.copy()
+        if isinstance(v, dict):
+            return {k: load(x) for k, x in v.items()}
         if isinstance(v, list):
             return [load(x) for x in v]
         return v

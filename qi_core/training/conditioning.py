@@ -1,0 +1,309 @@
+"""What the frozen encoders make of one training sample, batched and cached.
+
+:func:`encode_sample` runs a sample through the same stages an inference call runs — the recipe's injectors
+(``validate`` → ``prepare`` → ``prompt_inputs``), the text encoder on the positive side (``cfg_scale = 1``, as
+the seed trains), the VAE on the target image, then every injector's ``denoise_input`` — and keeps the result
+as a :class:`Conditioning`: the clean latents plus everything a :class:`~qi_core.protocols.DenoiseInput` carries
+except the noisy latents and the timestep. A variant's conditioning (edit images, context latents …) therefore
+trains exactly as it generates, with no training code of its own: its injector declares the call parameter and
+``--extra_inputs`` passes the metadata column of that name.
+
+Split training saves a :class:`Conditioning` per sample as safetensors (:meth:`Conditioning.save`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from qi_core.errors import InvalidInputError, ModelLoadError
+from qi_core.images import image_to_tensor
+from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
+
+FORMAT = "qi-conditioning/1"
+
+
+@dataclass
+class Conditioning:
+    """Encoded training samples (batch B), ready for a denoiser once noisy latents and timesteps are added."""
+
+    latents: torch.Tensor  # (B·F, C, h, w) clean target latents x0
+    text: list[TextSegment]  # (B, L, D) segments, padded to the longest prompt (mask 0 on padding)
+    images: list[ImageSegment] = field(default_factory=list)  # extra image tokens (edit, context …)
+    extra_timesteps: list[float] = field(default_factory=list)
+    attention_mask: torch.Tensor | None = None  # additive (B, 1, S, S) or None
+    block_hooks: list[Any] = field(default_factory=list)  # only for B = 1 and never cached
+    extras: dict[str, Any] = field(default_factory=dict)
+    target_frames: int = 1
+    params: list[dict[str, Any]] = field(default_factory=list)  # per sample: JSON-able call parameters
+    where: list[str] = field(default_factory=list)  # per sample: the metadata row (for error messages)
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0] // self.target_frames
+
+    def denoise_input(self, latents: torch.Tensor, timestep: torch.Tensor) -> DenoiseInput:
+        """The denoiser's input for ``latents`` (B·F, C, h, w) at ``timestep`` (B,)."""
+        return DenoiseInput(
+            latents=latents, timestep=timestep, text=list(self.text), images=list(self.images),
+            extra_timesteps=list(self.extra_timesteps), attention_mask=self.attention_mask,
+            block_hooks=list(self.block_hooks), target_frames=self.target_frames, extras=dict(self.extras),
+        )  # fmt: skip
+
+    def to(self, device: Any, dtype: torch.dtype | None = None) -> Conditioning:
+        def mv(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor):
+                return t
+            cast = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
+            return t.to(device=device, dtype=cast)
+
+        return Conditioning(
+            latents=mv(self.latents),
+            text=[TextSegment(mv(s.emb), mv(s.mask), s.rope_offset) for s in self.text],
+            images=[ImageSegment(mv(s.latents), s.frame, s.modulation, s.rope_from_target) for s in self.images],
+            extra_timesteps=list(self.extra_timesteps), attention_mask=mv(self.attention_mask),
+            block_hooks=list(self.block_hooks), extras={k: mv(v) for k, v in self.extras.items()},
+            target_frames=self.target_frames, params=list(self.params), where=list(self.where),
+        )  # fmt: skip
+
+    # -- cache files ---------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """One sample as a safetensors file (tensors + a JSON header), written atomically."""
+        from safetensors.torch import save_file
+
+        if self.batch_size != 1:
+            raise InvalidInputError(f"cache files hold one sample, this conditioning has {self.batch_size}")
+        if self.block_hooks:
+            raise InvalidInputError(
+                f"{self.where[0] if self.where else 'sample'}: an injector adds block hooks (computed during the "
+                "denoiser's forward), which cannot be cached; train this pipeline in one stage (--task sft)"
+            )
+        tensors = {"latents": self.latents}
+        for i, s in enumerate(self.text):
+            tensors[f"text.{i}.emb"] = s.emb
+            if s.mask is not None:
+                tensors[f"text.{i}.mask"] = s.mask
+        for j, s in enumerate(self.images):
+            tensors[f"images.{j}.latents"] = s.latents
+        if self.attention_mask is not None:
+            tensors["attention_mask"] = self.attention_mask
+        plain = {}
+        for k, v in self.extras.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"extras.{k}"] = v
+            else:
+                plain[k] = _jsonable(v, f"extras[{k!r}]")
+        header = {
+            "format": FORMAT,
+            "text": [{"rope_offset": s.rope_offset, "mask": s.mask is not None} for s in self.text],
+            "images": [{"frame": s.frame, "modulation": s.modulation, "rope_from_target": s.rope_from_target}
+                       for s in self.images],  # fmt: skip
+            "extra_timesteps": list(self.extra_timesteps),
+            "target_frames": self.target_frames,
+            "extras": plain,
+            "params": self.params[0] if self.params else {},
+            "where": self.where[0] if self.where else "",
+        }
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"qi": json.dumps(header)}))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Conditioning:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("qi", "{}"))
+            if meta.get("format") != FORMAT:
+                raise ModelLoadError(f"{path} is not a qi training cache file ({FORMAT})")
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        text = [TextSegment(t[f"text.{i}.emb"], t.get(f"text.{i}.mask"), s["rope_offset"])
+                for i, s in enumerate(meta["text"])]  # fmt: skip
+        images = [ImageSegment(t[f"images.{j}.latents"], s["frame"], s["modulation"], s["rope_from_target"])
+                  for j, s in enumerate(meta["images"])]  # fmt: skip
+        extras = dict(meta["extras"])
+        extras.update({k.removeprefix("extras."): v for k, v in t.items() if k.startswith("extras.")})
+        return cls(latents=t["latents"], text=text, images=images, extra_timesteps=meta["extra_timesteps"],
+                   attention_mask=t.get("attention_mask"), extras=extras, target_frames=meta["target_frames"],
+                   params=[meta["params"]], where=[meta["where"]])  # fmt: skip
+
+
+def cache_signature(path: str | os.PathLike) -> tuple:
+    """Shapes that must agree for two cached samples to share a batch (text lengths are padded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return tuple(
+            (k, tuple(f.get_slice(k).get_shape()))
+            for k in sorted(f.keys())  # noqa: SIM118
+            if not k.startswith("text.")
+        )
+
+
+def atomic_write(path: Path, write: Any) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(v: Any, what: str) -> Any:
+    try:
+        json.dumps(v)
+    except TypeError:
+        raise InvalidInputError(f"{what} ({type(v).__name__}) cannot be cached; train in one stage") from None
+    return v
+
+
+# -- encoding -------------------------------------------------------------------------------------------------
+def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str, ...] = (),
+                  overrides: dict[str, Any] | None = None, image_key: str = "image",
+                  prompt_key: str = "prompt") -> Conditioning:  # fmt: skip
+    """Run the frozen stages of ``pipe`` on one sample (a metadata row with loaded images)."""
+    where = str(sample.get("_where", "sample"))
+    image = sample.get(image_key)
+    if image is None:
+        raise InvalidInputError(f"{where}: no {image_key!r} (the training target image)")
+    frames = image if isinstance(image, list) else [image]
+    width, height = frames[0].size
+    if any(f.size != (width, height) for f in frames):
+        raise InvalidInputError(f"{where}: the {image_key!r} frames differ in size: {[f.size for f in frames]}")
+    params: dict[str, Any] = {"prompt": sample.get(prompt_key) or "", "negative_prompt": "", "cfg_scale": 1.0,
+                              "height": height, "width": width, "seed": 0}  # fmt: skip
+    for key in extra_inputs:
+        if key not in sample:
+            raise InvalidInputError(f"{where}: --extra_inputs names {key!r}, which this row does not have")
+        params[key] = sample[key]
+    accepted = pipe.parameters()
+    params.update({k: v for k, v in (overrides or {}).items() if k in accepted})
+    try:
+        state = pipe._state(params)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"{where}: {e}") from None
+    p = state.params
+    with torch.no_grad():
+        state.sigmas, state.timesteps = pipe.scheduler.schedule(
+            p["num_inference_steps"], height=height, width=width,
+            denoising_strength=float(p["denoising_strength"]), exponential_shift_mu=p["exponential_shift_mu"],
+        )  # fmt: skip
+        for inj in pipe.injectors:
+            inj.validate(pipe, state)
+        for inj in pipe.injectors:
+            inj.prepare(pipe, state)
+        x0 = encode_images(pipe, frames, state.dtype)
+        if state.target_frames not in (1, len(frames)):
+            raise InvalidInputError(
+                f"{where}: the pipeline expects {state.target_frames} target frames, the row has {len(frames)}"
+            )
+        pipe.encode_prompts(state)
+        inp = DenoiseInput(latents=x0, timestep=torch.zeros(1, device=x0.device, dtype=x0.dtype),
+                           text=list(state.prompts["positive"]), target_frames=len(frames))  # fmt: skip
+        for inj in pipe.injectors:
+            inj.denoise_input(pipe, state, "positive", 0, inp)
+        for inj in pipe.injectors:
+            inj.finish(pipe, state)
+    kept = {k: v for k, v in p.items() if k != "progress_bar_cmd" and _is_json(v)}
+    return Conditioning(latents=x0, text=inp.text, images=inp.images, extra_timesteps=inp.extra_timesteps,
+                        attention_mask=inp.attention_mask, block_hooks=inp.block_hooks, extras=inp.extras,
+                        target_frames=len(frames), params=[kept], where=[where])  # fmt: skip
+
+
+def encode_images(pipe: Any, frames: list[Any], dtype: torch.dtype) -> torch.Tensor:
+    """Target frames (PIL) → normalised latents (F, C, h, w) with the pipeline's autoencoder."""
+    with pipe.using("vae") as vae:
+        vae = vae or pipe.components["vae"]
+        mode = "RGBA" if getattr(vae, "image_channels", 3) == 4 else "RGB"
+        x = torch.cat([image_to_tensor(f.convert(mode), dtype) for f in frames]).to(pipe.device)
+        x0 = vae.encode(x)
+    pipe.trace("input_latents", x0)
+    return x0
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+# -- batching -------------------------------------------------------------------------------------------------
+def collate(items: list[Conditioning]) -> Conditioning:
+    """One batch from same-size samples; prompts of different lengths are padded (mask 0)."""
+    if len(items) == 1:
+        return items[0]
+    where = [w for c in items for w in c.where]
+    first = items[0]
+
+    def fail(what: str) -> InvalidInputError:
+        return InvalidInputError(
+            f"samples {', '.join(where)} cannot share a batch: {what}; use --batch_size 1 or make them agree"
+        )
+
+    shapes = {tuple(c.latents.shape[1:]) for c in items}
+    if len(shapes) > 1:
+        raise fail(f"target latents differ in shape {sorted(shapes)}")
+    if any(c.block_hooks for c in items):
+        raise fail("an injector adds per-sample block hooks")
+    for attr in ("target_frames", "extra_timesteps"):
+        if any(getattr(c, attr) != getattr(first, attr) for c in items):
+            raise fail(f"{attr} differ")
+    if any(len(c.text) != len(first.text) or len(c.images) != len(first.images) for c in items):
+        raise fail("they have different numbers of text or image segments")
+    text = []
+    for i in range(len(first.text)):
+        segs = [c.text[i] for c in items]
+        if any(s.rope_offset != segs[0].rope_offset for s in segs):
+            raise fail(f"text segment {i} starts at different RoPE offsets")
+        n = max(s.emb.shape[1] for s in segs)
+        embs, masks = [], []
+        for s in segs:
+            pad = n - s.emb.shape[1]
+            mask = s.mask if s.mask is not None else torch.ones(s.emb.shape[:2], dtype=torch.long)
+            embs.append(F.pad(s.emb, (0, 0, 0, pad)))
+            masks.append(F.pad(mask.to(s.emb.device), (0, pad)))
+        text.append(TextSegment(torch.cat(embs), torch.cat(masks), segs[0].rope_offset))
+    images = []
+    for j in range(len(first.images)):
+        segs = [c.images[j] for c in items]
+        if len({tuple(s.latents.shape[1:]) for s in segs}) > 1:
+            raise fail(f"image segment {j} differs in size")
+        if any((s.frame, s.modulation, s.rope_from_target) != (segs[0].frame, segs[0].modulation,
+                                                               segs[0].rope_from_target) for s in segs):  # fmt: skip
+            raise fail(f"image segment {j} has different RoPE frames or modulation")
+        images.append(ImageSegment(torch.cat([s.latents for s in segs]), segs[0].frame, segs[0].modulation,
+                                   segs[0].rope_from_target))  # fmt: skip
+    masks = [c.attention_mask for c in items]
+    if any(m is not None for m in masks):
+        if any(m is None for m in masks) or len({tuple(m.shape) for m in masks}) > 1:
+            raise fail("their attention masks differ in shape (prompts of different lengths)")
+        attention = torch.cat(masks)
+    else:
+        attention = None
+    extras: dict[str, Any] = {}
+    for k, v in first.extras.items():
+        vals = [c.extras.get(k) for c in items]
+        if isinstance(v, torch.Tensor):
+            extras[k] = torch.cat(vals)
+        elif any(x != v for x in vals):
+            raise fail(f"extra input {k!r} differs")
+        else:
+            extras[k] = v
+    return Conditioning(
+        latents=torch.cat([c.latents for c in items]), text=text, images=images,
+        extra_timesteps=list(first.extra_timesteps), attention_mask=attention, extras=extras,
+        target_frames=first.target_frames, params=[p for c in items for p in c.params], where=where,
+    )  # fmt: skip

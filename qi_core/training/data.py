@@ -1,0 +1,282 @@
+"""Training data: metadata rows (csv / json / jsonl) whose file columns are loaded as images, or cached
+encoder outputs (split training).
+
+Rows are checked once, up front: a file that is missing, not an image, or outside ``--dataset_base_path`` makes
+the row *bad*. Bad rows stop the run with an error naming the row, or are skipped (and counted) with
+``--skip_bad_rows``. The check reads image headers only, so it also yields every sample's training size,
+which batches (buckets) same-size samples.
+
+Extending: every column named in ``--data_file_keys`` goes through a *file loader* (default: RGB, cropped and
+resized to the training size like the seed's ``ImageCropAndResize``). A plugin whose input needs other decoding
+(an RGBA layer, a one-channel mask) registers its own with :func:`register_file_loader`; columns named in
+``--extra_inputs`` then reach the pipeline as call parameters of the same name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from qi_core.errors import ImageReadError, InvalidInputError
+
+SIZE_MULTIPLE = 16  # VAE factor 8 × DiT patch 2 (the seed's height/width division factor)
+
+
+class BadRowError(ImageReadError):
+    """A metadata row names a file that is missing, unreadable, or outside the dataset folder."""
+
+    def __init__(self, where: str, key: str, reason: str):
+        self.where, self.key, self.reason = where, key, reason
+        super().__init__(
+            f"{where}: column {key!r}: {reason}. Fix the row, or pass --skip_bad_rows to skip such rows"
+        )
+
+
+# -- sizes and resizing --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SizeSpec:
+    """How images are sized: fixed (height, width) or dynamic under ``max_pixels``."""
+
+    height: int | None = None  # fixed training height; None = dynamic
+    width: int | None = None  # fixed training width
+    max_pixels: int = 1024 * 1024  # dynamic: images above this many pixels are scaled down
+    multiple: int = SIZE_MULTIPLE  # both sides are floored to a multiple of this
+
+    def target(self, width: int, height: int) -> tuple[int, int]:
+        """(height, width) an image of ``width``×``height`` is trained at (the seed's rule)."""
+        if self.height is not None and self.width is not None:
+            return self.height, self.width
+        if width * height > self.max_pixels:
+            scale = (width * height / self.max_pixels) ** 0.5
+            height, width = int(height / scale), int(width / scale)  # truncation, as the seed
+        h, w = height // self.multiple * self.multiple, width // self.multiple * self.multiple
+        if h == 0 or w == 0:
+            raise InvalidInputError(
+                f"an image of {width}x{height} (WxH) is smaller than {self.multiple} pixels on a side after "
+                f"sizing; training needs at least {self.multiple}x{self.multiple}"
+            )
+        return h, w
+
+
+def crop_and_resize(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale by ``max(target/orig)`` (bilinear), then centre-crop to ``width``×``height`` (the seed's rule)."""
+    w0, h0 = image.size
+    scale = max(width / w0, height / h0)
+    size = (round(w0 * scale), round(h0 * scale))
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    left = int(round((size[0] - width) / 2.0))
+    top = int(round((size[1] - height) / 2.0))
+    if (left, top, size) == (0, 0, (width, height)):
+        return image
+    return image.crop((left, top, left + width, top + height))
+
+
+FileLoader = Callable[[str, SizeSpec], Any]
+"""``loader(absolute_path, size_spec) -> value`` handed to the pipeline (usually a PIL image)."""
+
+
+def load_rgb(path: str, spec: SizeSpec) -> Image.Image:
+    """Default file loader: RGB, cropped and resized to the training size."""
+    with Image.open(path) as im:
+        im.load()
+        image = im.convert("RGB")
+    return crop_and_resize(image, *spec.target(*image.size))
+
+
+FILE_LOADERS: dict[str, FileLoader] = {}
+
+
+def register_file_loader(key: str, loader: FileLoader) -> None:
+    """Decode metadata column ``key`` with ``loader`` instead of :func:`load_rgb` (e.g. RGBA layers)."""
+    if not callable(loader):
+        raise InvalidInputError(f"file loader for {key!r} must be callable, got {type(loader).__name__}")
+    FILE_LOADERS[key] = loader
+
+
+# -- metadata ----------------------------------------------------------------------------------------------
+def read_metadata(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """``[(where, row)]`` from a .csv, .json (a list of objects) or .jsonl file; ``where`` names the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"dataset metadata {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    name = path.name
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        # csv: empty cells are "no value" (pandas' NaN in the seed)
+        rows = [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in rows]
+        return [(f"row {i + 1} of {name} (line {i + 2})", r) for i, r in enumerate(rows)]
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"{name} is not valid JSON: {e}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise InvalidInputError(f"{name} must hold a JSON list of objects (one per sample)")
+        return [(f"item {i} of {name}", r) for i, r in enumerate(data)]
+    if suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidInputError(f"line {i + 1} of {name} is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise InvalidInputError(f"line {i + 1} of {name} must be a JSON object")
+            out.append((f"line {i + 1} of {name}", row))
+        return out
+    raise InvalidInputError(f"dataset metadata must be .csv, .json or .jsonl, got {name!r}")
+
+
+def inside(base: Path, value: str) -> Path | None:
+    """``base/value`` when it stays inside ``base`` (lexically: symlinked datasets are fine), else None."""
+    full = Path(os.path.normpath(base / value))
+    root = Path(os.path.normpath(base))
+    return full if full == root or root in full.parents else None
+
+
+# -- datasets ------------------------------------------------------------------------------------------------
+class MetadataDataset:
+    """Rows of a metadata file; ``dataset[i]`` loads row ``i % rows`` (``repeat`` passes per epoch).
+
+    An item is the row's dict with file columns replaced by loaded values, plus ``"_where"`` (the row's name).
+    ``bucket(i)`` is the training size of every file column (samples with equal buckets can share a batch).
+    """
+
+    def __init__(self, base_path: str | os.PathLike, metadata_path: str | os.PathLike,
+                 file_keys: Sequence[str] = ("image", "video"), *, repeat: int = 1,
+                 size: SizeSpec = SizeSpec(), required: Sequence[str] = (), skip_bad_rows: bool = False,
+                 loaders: dict[str, FileLoader] | None = None):  # fmt: skip
+        self.base = Path(base_path)
+        if not self.base.is_dir():
+            raise InvalidInputError(f"--dataset_base_path {str(self.base)!r} is not a folder")
+        self.file_keys = tuple(file_keys)
+        self.repeat = int(repeat)
+        self.size = size
+        self.loaders = {**FILE_LOADERS, **(loaders or {})}
+        self.rows: list[tuple[str, dict[str, Any]]] = []
+        self.buckets: list[tuple] = []
+        self.skipped: list[BadRowError] = []
+        for where, row in read_metadata(metadata_path):
+            try:
+                self.buckets.append(self._check(where, row, required))
+                self.rows.append((where, row))
+            except BadRowError as e:
+                if not skip_bad_rows:
+                    raise
+                self.skipped.append(e)
+        if not self.rows:
+            why = f" ({len(self.skipped)} bad rows skipped)" if self.skipped else ""
+            raise InvalidInputError(f"the dataset {os.fspath(metadata_path)!r} has no usable rows{why}")
+
+    def _check(self, where: str, row: dict[str, Any], required: Sequence[str]) -> tuple:
+        for key in required:
+            if row.get(key) in (None, "", []):
+                raise BadRowError(where, key, "has no value (the training task needs it)")
+        sizes = []
+        for key in self.file_keys:
+            value = row.get(key)
+            if value is None:
+                continue
+            paths = value if isinstance(value, list) else [value]
+            for p in paths:
+                sizes.append((key, self._header(where, key, p)))
+        return tuple(sizes)
+
+    def _header(self, where: str, key: str, value: Any) -> tuple[int, int]:
+        if not isinstance(value, str) or not value:
+            raise BadRowError(where, key, f"expected a file path, got {value!r}")
+        path = inside(self.base, value)
+        if path is None:
+            raise BadRowError(where, key, f"path {value!r} points outside the dataset folder {str(self.base)!r}")
+        if not path.is_file():
+            raise BadRowError(where, key, f"file {value!r} does not exist (looked for {str(path)!r})")
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError) as e:
+            if self.loaders.get(key, load_rgb) is not load_rgb:
+                return (0, 0)  # not an image: a plugin's loader decodes it (size unknown, not bucketed)
+            raise BadRowError(where, key, f"{value!r} cannot be read as an image ({e})") from None
+        try:
+            return self.size.target(w, h)
+        except InvalidInputError as e:
+            raise BadRowError(where, key, str(e)) from None
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.repeat
+
+    def bucket(self, i: int) -> tuple:
+        return self.buckets[i % len(self.rows)]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        where, row = self.rows[i % len(self.rows)]
+        item = dict(row)
+        for key in self.file_keys:
+            value = row.get(key)
+            if value is None:
+                continue
+            loader = self.loaders.get(key, load_rgb)
+            try:
+                if isinstance(value, list):
+                    item[key] = [loader(str(inside(self.base, v)), self.size) for v in value]
+                else:
+                    item[key] = loader(str(inside(self.base, value)), self.size)
+            except (UnidentifiedImageError, OSError) as e:
+                raise BadRowError(where, key, f"{value!r} could not be decoded ({e})") from None
+        item["_where"] = where
+        return item
+
+
+class CachedDataset:
+    """Encoder outputs written by ``--task X:data_process`` (``<folder>/<rank>/<i>.safetensors``)."""
+
+    def __init__(self, folder: str | os.PathLike, *, repeat: int = 1):
+        from qi_core.training.conditioning import cache_signature
+
+        self.base = Path(folder)
+        files = sorted(self.base.rglob("*.safetensors"), key=_natural)
+        files = [f for f in files if not f.name.startswith(".")]
+        if not files:
+            raise InvalidInputError(
+                f"no cached samples (*.safetensors) under {str(self.base)!r}; run --task <task>:data_process "
+                "with --output_path there first, or pass --dataset_metadata_path"
+            )
+        self.files = files
+        self.repeat = int(repeat)
+        self.buckets = [cache_signature(f) for f in files]
+        self.skipped: list[BadRowError] = []
+
+    def __len__(self) -> int:
+        return len(self.files) * self.repeat
+
+    def bucket(self, i: int) -> tuple:
+        return self.buckets[i % len(self.files)]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path = self.files[i % len(self.files)]
+        return {"_cache": str(path), "_where": str(path.relative_to(self.base))}
+
+
+def _natural(path: Path) -> tuple:
+    """Sort ``0/2.safetensors`` before ``0/10.safetensors``."""
+    out: list[tuple[int, Any]] = []
+    for part in path.with_suffix("").parts:
+        out.append((0, int(part)) if part.isdigit() else (1, part))
+    return tuple(out)
+
+
+def collate_samples(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """DataLoader collate: keep the samples as a list (the trainer encodes them one by one)."""
+    return items

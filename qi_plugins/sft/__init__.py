@@ -1,0 +1,56 @@
+"""Training tasks and commands: ``sft`` (flow matching with DiffSynth's timestep weighting) and
+``direct_distill`` as plugins of the training-task hook, and the ``qi train`` / ``qi validate`` commands.
+
+    qi train --dataset_base_path data --dataset_metadata_path data/metadata.csv --model Qwen/Qwen-Image \\
+        --lora_base_model dit --lora_rank 32 --output_path out
+    qi validate "a dog" --model Qwen/Qwen-Image --checkpoint out --out dog.png
+
+    from qi_plugins.sft import train          # the trainer with the LoRA plugin's file readers wired in
+
+Registration is cheap: nothing heavy is imported until a task or command runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qi_core.hookspecs import hookimpl
+
+QI_HOOK_API = 1
+_T = "qi_plugins.sft.tasks"
+
+
+@hookimpl
+def qi_register_training_tasks(register):
+    register("sft", f"{_T}:SFT")
+    register("direct_distill", f"{_T}:DirectDistill")
+
+
+@hookimpl
+def qi_register_commands(register):
+    from qi_plugins.sft import cli
+
+    register("train", cli.configure_train, help="train a LoRA or the full DiT (DiffSynth-Studio's train.py arguments)")
+    register("validate", cli.configure_validate, help="generate with what `qi train` saved (LoRA or DiT weights)")
+
+
+def train(args: Any, **kw: Any) -> Any:
+    """:func:`qi_core.training.train` with the LoRA plugin's readers (for ``--preset_lora_path`` and
+    ``--lora_checkpoint``)."""
+    from qi_core.training.trainer import train as _train
+    from qi_plugins.sft.validate import lora_files
+
+    kw.setdefault("lora_files", lora_files())
+    return _train(args, **kw)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("SFT", "DirectDistill"):
+        from qi_plugins.sft import tasks
+
+        return getattr(tasks, name)
+    if name in ("load_trained", "lora_files"):
+        from qi_plugins.sft import validate
+
+        return getattr(validate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

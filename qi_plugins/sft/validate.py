@@ -1,0 +1,85 @@
+"""Load what ``qi train`` saved into a pipeline: a LoRA (any layout, through the LoRA plugin) or full weights
+of a component (the seed's ``validate_full``: ``pipe.dit.load_state_dict(step-N.safetensors)``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from qi_core.errors import InvalidInputError, WeightMismatchError
+from qi_core.training.models import LoRAFiles, as_module
+
+
+def lora_files() -> LoRAFiles:
+    """The trainer's LoRA reader and fuser, from the LoRA plugin."""
+
+    def fuse(pipe: Any, source: str, role: str) -> None:
+        from qi_plugins.lora.adapter import LoRA
+
+        LoRA(source, scale=1.0, fuse=True, target=role, exact_restore=False).apply(pipe)
+
+    def read(source: str) -> dict[str, tuple]:
+        from qi_plugins.lora.formats import read_lora
+
+        return {name: (w.down, w.up, w.scale) for name, w in read_lora(source).items()}
+
+    return LoRAFiles(fuse=fuse, read=read)
+
+
+def latest_checkpoint(folder: str | Path) -> Path:
+    """The newest ``step-N`` / ``epoch-K`` weight file of a training output folder."""
+    folder = Path(folder)
+    found = []
+    for p in folder.glob("*.safetensors"):
+        m = re.fullmatch(r"(step|epoch)-(\d+)", p.stem)
+        if m:
+            found.append((p.stat().st_mtime_ns, m.group(1) == "step", int(m.group(2)), p))
+    if not found:
+        raise InvalidInputError(f"no step-N.safetensors or epoch-K.safetensors in {str(folder)!r}")
+    return max(found)[-1]
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """A weight file, or the newest checkpoint of a training output folder."""
+    path = Path(checkpoint)
+    return latest_checkpoint(path) if path.is_dir() else path
+
+
+def is_lora(keys: Any) -> bool:
+    return any(".lora_A." in k or ".lora_down." in k or k.endswith(".lora_A.weight") for k in keys)
+
+
+def load_trained(pipe: Any, checkpoint: str | Path, *, role: str = "dit", scale: float = 1.0,
+                 strip_prefix: str = "") -> str:  # fmt: skip
+    """Apply a LoRA file or load full weights into ``pipe.<role>``; returns "lora" or "full".
+
+    ``checkpoint``: a ``.safetensors`` file or a training output folder (its newest checkpoint).
+    """
+    from safetensors.torch import load_file
+
+    from qi_core.loading import check_state_dict
+
+    path = resolve_checkpoint(checkpoint)
+    if not path.is_file():
+        raise InvalidInputError(f"checkpoint {str(path)!r} does not exist")
+    sd = load_file(str(path))
+    if is_lora(sd):
+        from qi_plugins.lora.adapter import load_lora
+
+        load_lora(pipe, str(path), scale, target=role)
+        return "lora"
+    if role not in pipe.components:
+        raise InvalidInputError(f"pipeline {pipe.name!r} has no component {role!r}")
+    sd = {k.removeprefix(strip_prefix): v for k, v in sd.items()}
+    model = as_module(pipe.components[role], role)
+    try:
+        check_state_dict(model.state_dict(), sd, f"{path.name} → {role}")
+    except WeightMismatchError as e:
+        raise WeightMismatchError(
+            f"{e}. Full-weight checkpoints must hold every parameter of the {role} under its own names; "
+            "pass --strip-prefix if it was saved with another --remove_prefix_in_ckpt"
+        ) from None
+    state = model.state_dict()
+    model.load_state_dict({k: v.to(state[k].dtype) for k, v in sd.items()})
+    return "full"
