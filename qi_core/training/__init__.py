@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qi_core.training.args import QWEN_LORA_TARGETS, TrainArgs, add_train_arguments, from_namespace, make_args
+from qi_core.training.args import TrainArgs, add_train_arguments, from_namespace, make_args
 
 _LAZY = {
     "train": "qi_core.training.trainer",
@@ -29,7 +29,24 @@ _LAZY = {
     "read_log": "qi_core.training.metrics",
 }
 
-__all__ = sorted(["QWEN_LORA_TARGETS", "TrainArgs", "add_train_arguments", "from_namespace", "make_args", *_LAZY])
+__all__ = [
+    "BadRowError",
+    "CachedDataset",
+    "Conditioning",
+    "LoRAFiles",
+    "MetadataDataset",
+    "SizeSpec",
+    "TrainArgs",
+    "TrainResult",
+    "add_train_arguments",
+    "collate",
+    "encode_sample",
+    "from_namespace",
+    "make_args",
+    "read_log",
+    "register_file_loader",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -13,13 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from qi_core.errors import InvalidInputError
 
-#: The seed's Qwen scripts train LoRAs on these DiT modules (``--lora_target_modules``). The seed's parser
-#: default ("q,k,v,o,ffn.0,ffn.2") is Wan-style and matches nothing in a Qwen DiT; plugins may override.
-QWEN_LORA_TARGETS = (
-    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
-    "txt_mlp.net.2,txt_mod.1"
-)
-
 
 class TrainArgs(BaseModel):
     """Every ``qi train`` argument. Names and meaning follow DiffSynth-Studio's ``train.py``."""
@@ -61,7 +54,7 @@ class TrainArgs(BaseModel):
     save_steps: int | None = Field(None, ge=1)  # save every N optimizer steps; None = every epoch
     # -- LoRA (seed) --
     lora_base_model: str | None = None  # role LoRA is added to (e.g. "dit"); None = no LoRA
-    lora_target_modules: str = QWEN_LORA_TARGETS  # comma-separated module names; "" = every large Linear
+    lora_target_modules: str | None = None  # comma-separated module names; ""/None = see models.lora_targets
     lora_rank: int = Field(32, ge=1)  # LoRA rank (alpha = rank, so scale 1)
     lora_checkpoint: str | None = None  # LoRA file to start from (any layout qi reads)
     preset_lora_path: str | None = None  # LoRA fused into the base before training (differential LoRA)
@@ -119,7 +112,7 @@ class TrainArgs(BaseModel):
 
     @property
     def stage(self) -> str:
-        """"" (one stage), "data_process" or "train"."""
+        """ "" (one stage), "data_process" or "train"."""
         return self.task.partition(":")[2]
 
     @staticmethod
@@ -149,7 +142,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
         if name in _FLAGS:
             parser.add_argument(f"--{name}", action="store_true", default=default, help=help_)
         elif name == "shuffle":
-            parser.add_argument("--no_shuffle", dest="shuffle", action="store_false", help="keep metadata order")
+            parser.add_argument(
+                "--no_shuffle", dest="shuffle", action="store_false", help="keep metadata order"
+            )
         else:
             parser.add_argument(f"--{name}", type=_type(f.annotation), default=default, help=help_)
 
@@ -205,7 +200,7 @@ _HELP = {
     "remove_prefix_in_ckpt": "prefix removed from the saved parameter names",
     "save_steps": "save every N optimizer steps (default: every epoch)",
     "lora_base_model": "role the trainable LoRA is added to (e.g. dit)",
-    "lora_target_modules": "comma-separated module names for LoRA ('' = every large Linear)",
+    "lora_target_modules": "comma-separated module names for LoRA ('' = every Linear ≥ 512 wide in the blocks)",
     "lora_rank": "LoRA rank",
     "lora_checkpoint": "LoRA file to start from",
     "preset_lora_path": "LoRA fused into the base model before training (differential LoRA)",

@@ -26,10 +26,14 @@ STATES = "checkpoints"
 STATE_FILE = "state.json"
 
 
-def save_weights(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+def save_weights(
+    weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
+) -> Path:
     from safetensors.torch import save_file
 
-    return atomic_write(Path(path), lambda tmp: save_file(weights, tmp, metadata=metadata or {"format": "pt"}))
+    return atomic_write(
+        Path(path), lambda tmp: save_file(weights, tmp, metadata=metadata or {"format": "pt"})
+    )
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -70,7 +74,10 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Python, NumPy, torch CPU (and CUDA) generator states of this process."""
     np_state = np.random.get_state()
-    tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    tensors = {
+        "torch_cpu": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
@@ -142,7 +149,11 @@ def list_states(output_path: str | Path) -> list[Path]:
     root = Path(output_path) / STATES
     if not root.is_dir():
         return []
-    return [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()]
+    return [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and re.fullmatch(r"step-\d+", p.name) and (p / STATE_FILE).exists()
+    ]
 
 
 def _step(p: Path) -> int:
@@ -160,7 +171,9 @@ def find_resume(spec: str, output_path: str | Path) -> tuple[Path | None, Path |
         root = Path(output_path) if spec == "latest" else path
         states = list_states(root)
         if not states:
-            raise InvalidInputError(f"--resume_from_checkpoint {spec}: no training state under {root / STATES}")
+            raise InvalidInputError(
+                f"--resume_from_checkpoint {spec}: no training state under {root / STATES}"
+            )
         return max(states, key=_step), None
     if path.is_dir():
         if not (path / STATE_FILE).exists():

@@ -103,8 +103,10 @@ class Conditioning:
         header = {
             "format": FORMAT,
             "text": [{"rope_offset": s.rope_offset, "mask": s.mask is not None} for s in self.text],
-            "images": [{"frame": s.frame, "modulation": s.modulation, "rope_from_target": s.rope_from_target}
-                       for s in self.images],  # fmt: skip
+            "images": [
+                {"frame": s.frame, "modulation": s.modulation, "rope_from_target": s.rope_from_target}
+                for s in self.images
+            ],  # fmt: skip
             "extra_timesteps": list(self.extra_timesteps),
             "target_frames": self.target_frames,
             "extras": plain,
@@ -112,7 +114,9 @@ class Conditioning:
             "where": self.where[0] if self.where else "",
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"qi": json.dumps(header)}))
+        return atomic_write(
+            Path(path), lambda tmp: save_file(tensors, tmp, metadata={"qi": json.dumps(header)})
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Conditioning:
@@ -180,7 +184,9 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
     frames = image if isinstance(image, list) else [image]
     width, height = frames[0].size
     if any(f.size != (width, height) for f in frames):
-        raise InvalidInputError(f"{where}: the {image_key!r} frames differ in size: {[f.size for f in frames]}")
+        raise InvalidInputError(
+            f"{where}: the {image_key!r} frames differ in size: {[f.size for f in frames]}"
+        )
     params: dict[str, Any] = {"prompt": sample.get(prompt_key) or "", "negative_prompt": "", "cfg_scale": 1.0,
                               "height": height, "width": width, "seed": 0}  # fmt: skip
     for key in extra_inputs:

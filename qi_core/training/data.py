@@ -199,7 +199,9 @@ class MetadataDataset:
             raise BadRowError(where, key, f"expected a file path, got {value!r}")
         path = inside(self.base, value)
         if path is None:
-            raise BadRowError(where, key, f"path {value!r} points outside the dataset folder {str(self.base)!r}")
+            raise BadRowError(
+                where, key, f"path {value!r} points outside the dataset folder {str(self.base)!r}"
+            )
         if not path.is_file():
             raise BadRowError(where, key, f"file {value!r} does not exist (looked for {str(path)!r})")
         try:

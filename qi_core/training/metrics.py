@@ -37,7 +37,9 @@ class MetricsLog:
 
     def _truncate(self, step: int) -> None:
         if self.jsonl_path.exists():
-            keep = [ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            keep = [
+                ln for ln in self.jsonl_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step
+            ]
             self.jsonl_path.write_text("".join(ln + "\n" for ln in keep))
         if self.csv_path.exists():
             with self.csv_path.open(newline="") as f:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
+from qi_core.errors import InvalidInputError, WeightMismatchError
 from qi_core.training.args import TrainArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,18 +71,28 @@ def model_sources(args: TrainArgs, recipe: Any) -> tuple[Any, dict[str, Any], di
         items = list(paths.items()) if isinstance(paths, dict) else [(None, p) for p in paths]
         for role, value in items:
             first = value[0] if isinstance(value, list) else value
-            role = role or role_of(str(first), str(first) if Path(first).is_dir() else str(Path(first).parent))
+            role = role or role_of(
+                str(first), str(first) if Path(first).is_dir() else str(Path(first).parent)
+            )
             if role not in recipe.components:
-                raise InvalidInputError(f"--model_paths names role {role!r}; roles are {', '.join(recipe.components)}")
+                raise InvalidInputError(
+                    f"--model_paths names role {role!r}; roles are {', '.join(recipe.components)}"
+                )
             overrides[role] = _component_path(value)
             names[json.dumps(value) if isinstance(value, list) else str(value)] = role
+        if root is None:  # local components of one official layout: its root has the tokenizer too
+            parents = {Path(v[0] if isinstance(v, list) else v).parent for v in overrides.values()}
+            roots = [q for q in (*parents, *(q.parent for q in parents)) if (q / "tokenizer").is_dir()]
+            root = str(roots[0]) if roots else None
     if args.model_id_with_origin_paths:
         ids = set()
         for entry in TrainArgs.split(args.model_id_with_origin_paths):
             spec = entry.partition("=")[2] if "=" in entry.split(":")[0] else entry
             model_id, sep, pattern = spec.partition(":")
             if not sep:
-                raise InvalidInputError(f"--model_id_with_origin_paths entry {entry!r} must be ORG/NAME:pattern")
+                raise InvalidInputError(
+                    f"--model_id_with_origin_paths entry {entry!r} must be ORG/NAME:pattern"
+                )
             role = role_of(entry, pattern)
             names[entry] = role
             sub = recipe.components[role].subfolder
@@ -161,8 +171,10 @@ def load_pipeline(args: TrainArgs, roles: set[str] | None, device: Any, dtype: t
 class LoRAFiles:
     """How LoRA files are read and fused: supplied by a LoRA plugin (the core reads no LoRA layout itself)."""
 
-    fuse: Callable[[Any, str, str], None]  # fuse(pipe, source, role): merge a LoRA file into a component
-    read: Callable[[str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]  # file → {module: (A, B, scale)}
+    # fuse(pipe, source, role): merge a LoRA file into a component
+    fuse: Callable[[Any, str, str], None]
+    # read(source) → {module name: (A (r, in), B (out, r), scale)}
+    read: Callable[[str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
 
 
 def prepare_for_training(pipe: Any, args: TrainArgs, lora_files: LoRAFiles | None = None) -> list[str]:
@@ -193,8 +205,13 @@ def prepare_for_training(pipe: Any, args: TrainArgs, lora_files: LoRAFiles | Non
         raise InvalidInputError(
             "nothing to train: pass --trainable_models (e.g. dit) for full training or --lora_base_model dit for LoRA"
         )
-    recipe_names = {r: r for r in pipe.components}
-    for role in roles_of(args.fp8_models, recipe_names, _Roles(pipe.components), "fp8_models"):
+    from qi_core.plugin_host import host
+
+    recipe = host().registry.get("pipeline", args.pipeline).load()
+    names = model_sources(args, recipe)[2]
+    for role in roles_of(args.fp8_models, names, recipe, "fp8_models"):
+        if role not in pipe.components:
+            continue  # not loaded in this stage of split training
         if role in trainable:
             raise InvalidInputError(f"--fp8_models {role}: a fully trained model cannot be stored in fp8")
         store_fp8(as_module(pipe.components[role], role))
@@ -204,15 +221,10 @@ def prepare_for_training(pipe: Any, args: TrainArgs, lora_files: LoRAFiles | Non
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
             else:
-                warnings.warn(f"{role} ({type(m).__name__}) has no gradient_checkpointing switch", stacklevel=2)
+                warnings.warn(
+                    f"{role} ({type(m).__name__}) has no gradient_checkpointing switch", stacklevel=2
+                )
     return roles
-
-
-class _Roles:
-    """Duck-typed recipe for :func:`roles_of` over loaded components."""
-
-    def __init__(self, components: dict[str, Any]):
-        self.components = components
 
 
 def _has_trainable(component: Any) -> bool:
@@ -222,12 +234,15 @@ def _has_trainable(component: Any) -> bool:
         return False
 
 
-def lora_targets(model: nn.Module, spec: str) -> list[str]:
-    """Module names for peft: the given list, or (empty) every Linear with min(in, out) ≥ 512 inside a repeated
-    ModuleList (the seed's auto-detection)."""
+def lora_targets(model: nn.Module, spec: str | None) -> list[str]:
+    """Module names for peft: the given list; else the model's own ``default_lora_targets`` (a denoiser may
+    declare the modules its family's LoRAs use); else, as the seed does for an empty list, every Linear with
+    min(in, out) ≥ 512 inside a repeated ModuleList."""
     names = TrainArgs.split(spec)
     if names:
         return names
+    if spec is None and getattr(model, "default_lora_targets", None):
+        return list(model.default_lora_targets)
     found = []
     for name, m in model.named_modules():
         if isinstance(m, nn.ModuleList) and len(m) > 1:
@@ -236,13 +251,13 @@ def lora_targets(model: nn.Module, spec: str) -> list[str]:
                     found.append(f"{name}.{sub}")
     if not found:
         raise InvalidInputError(
-            "--lora_target_modules is empty and no Linear layer of at least 512 features was found in a repeated "
-            "block; list the modules, e.g. to_q,to_k,to_v,to_out.0"
+            "no LoRA targets: --lora_target_modules is empty and no Linear layer of at least 512 features was "
+            "found in a repeated block; list the modules, e.g. to_q,to_k,to_v,to_out.0"
         )
     return sorted(set(found))
 
 
-def add_lora(model: nn.Module, targets: str, rank: int, dtype: torch.dtype) -> nn.Module:
+def add_lora(model: nn.Module, targets: str | None, rank: int, dtype: torch.dtype) -> nn.Module:
     """peft LoRA (alpha = rank, so scale 1, as the seed) on ``targets``; LoRA weights in ``dtype``."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -283,28 +298,39 @@ def load_lora_checkpoint(model: nn.Module, weights: dict[str, tuple], source: st
 
 # -- fp8 storage of frozen weights ----------------------------------------------------------------------------
 class FP8Linear(nn.Linear):
-    """A frozen Linear whose weight is stored in float8_e4m3fn with a per-row scale; computes in the input's
-    dtype. Swapped in by class (``__class__``) so parameter names and the module tree are unchanged."""
+    """A frozen Linear whose weight is kept in float8_e4m3fn (``weight_fp8``, per-row ``fp8_scale``) and computed
+    in its original dtype. Swapped in by class, so the module tree is unchanged; ``weight`` reads back the
+    dequantized matrix (models that take their compute dtype from a weight still see bf16/fp32)."""
 
+    weight_fp8: torch.Tensor
     fp8_scale: torch.Tensor
+    compute_dtype: torch.dtype
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.weight_fp8.to(self.compute_dtype) * self.fp8_scale.to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) * self.fp8_scale.to(x.dtype)
+        w = self.weight_fp8.to(x.dtype) * self.fp8_scale.to(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w, b)
 
 
 def store_fp8(module: nn.Module) -> int:
     """Store every frozen ``nn.Linear`` of ``module`` in fp8 (per-row scales keep small weights out of fp8's
-    subnormal range); returns how many layers were converted. Trainable layers are left alone."""
+    subnormal range); returns how many layers were converted. Trainable layers are left alone. The fp8 tensors
+    are non-persistent buffers: frozen weights are never saved."""
     n = 0
     for m in module.modules():
         if type(m) is not nn.Linear or m.weight.requires_grad or m.weight.is_meta:
             continue
-        w = m.weight.data.float()
-        scale = (w.abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(1e-12)
-        m.weight.data = (w / scale).to(torch.float8_e4m3fn)
-        m.register_buffer("fp8_scale", scale.to(torch.float32), persistent=False)
+        w = m._parameters.pop("weight").data
+        scale = (w.float().abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(
+            1e-12
+        )
+        m.register_buffer("weight_fp8", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+        m.register_buffer("fp8_scale", scale, persistent=False)
+        m.compute_dtype = w.dtype
         m.__class__ = FP8Linear
         n += 1
     return n
@@ -318,6 +344,11 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.pipe = nn.ModuleDict({r: as_module(pipe.components[r], r) for r in roles})
         self.qi_pipe, self.task, self.offload_activations = pipe, task, offload_activations
+        # DDP broadcasts and syncs only what is trained: frozen weights are identical on every process already
+        # (and fp8 buffers are not a dtype every backend can send)
+        frozen = [n for n, p in self.named_parameters() if not p.requires_grad]
+        frozen += [n for n, b in self.named_buffers() if n.endswith((".weight_fp8", ".fp8_scale"))]
+        self._ddp_params_and_buffers_to_ignore = frozen
 
     def forward(self, batch: Any, generators: list[torch.Generator]) -> torch.Tensor:
         ctx = nullcontext()
@@ -340,7 +371,9 @@ def trainable_state_dict(module: nn.Module, remove_prefix: str | None = None,
     return out
 
 
-def load_trainable(module: nn.Module, weights: dict[str, torch.Tensor], remove_prefix: str | None, what: str) -> None:
+def load_trainable(
+    module: nn.Module, weights: dict[str, torch.Tensor], remove_prefix: str | None, what: str
+) -> None:
     """Copy saved trainable weights back (prefix re-added); strict on unknown keys, as the seed."""
     params = dict(module.named_parameters())
     unknown = []

@@ -80,9 +80,7 @@ class PlanSampler:
     optimizer step ``start`` of the plan."""
 
     def __init__(self, steps: list[Step], spec: PlanSpec, process: int, start: int = 0):
-        self.batches = [
-            [i for i, _ in local(m, spec, process)] for step in steps[start:] for m in step
-        ]
+        self.batches = [[i for i, _ in local(m, spec, process)] for step in steps[start:] for m in step]
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches)

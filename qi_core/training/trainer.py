@@ -45,12 +45,17 @@ class TrainResult:
 
     output_path: Path  # where everything was written
     global_step: int = 0  # optimizer steps done (including those before a resume)
-    losses: list[float] = field(default_factory=list)  # loss per optimizer step of this run (mean over processes)
+    losses: list[float] = field(
+        default_factory=list
+    )  # loss per optimizer step of this run (mean over processes)
     checkpoints: list[Path] = field(default_factory=list)  # weight files written (seed layout)
     skipped_rows: int = 0  # bad rows skipped (--skip_bad_rows)
     cache_files: list[Path] = field(default_factory=list)  # files written by a ":data_process" stage
     components: list[str] = field(default_factory=list)  # the roles this stage loaded
-    pipe: Any = field(default=None, repr=False)  # the trained pipeline (LoRA attached), for validation in-process
+    pipe: Any = field(
+        default=None, repr=False
+    )  # the trained pipeline (LoRA attached), for validation in-process
+    main_process: bool = True  # False on the other processes of a multi-process job
 
 
 def get_task(args: TrainArgs, task: Any = None) -> Any:
@@ -73,7 +78,9 @@ def make_accelerator(args: TrainArgs) -> Any:
         AcceleratorState._reset_state(reset_partial_state=True)
     cpu = args.device == "cpu" or (args.device is None and not torch.cuda.is_available())
     ddp = DistributedDataParallelKwargs(find_unused_parameters=args.find_unused_parameters)
-    acc = Accelerator(cpu=cpu, gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=[ddp])
+    acc = Accelerator(
+        cpu=cpu, gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=[ddp]
+    )
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     if plugin is not None:  # no prepared DataLoader tells DeepSpeed the micro-batch size: say it
         cfg = plugin.deepspeed_config
@@ -94,7 +101,9 @@ def stage_roles(args: TrainArgs, recipe: Any) -> set[str] | None:
     return None
 
 
-def train(args: TrainArgs | dict[str, Any], *, lora_files: LoRAFiles | None = None, task: Any = None) -> TrainResult:
+def train(
+    args: TrainArgs | dict[str, Any], *, lora_files: LoRAFiles | None = None, task: Any = None
+) -> TrainResult:
     """Run ``qi train`` with ``args`` (a :class:`TrainArgs` or its fields as a dict)."""
     from qi_core.plugin_host import host
 
@@ -159,18 +168,22 @@ def _data_process(args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path) ->
     mine = [[i] for i in range(acc.process_index, len(dataset), acc.num_processes)]
     folder = out / str(acc.process_index)
     files = []
-    bar = tqdm(_loader(dataset, mine, args.dataset_num_workers), desc="encoding", disable=not acc.is_main_process)
+    bar = tqdm(
+        _loader(dataset, mine, args.dataset_num_workers), desc="encoding", disable=not acc.is_main_process
+    )
     for k, samples in enumerate(bar):
         files.append(encode(samples[0]).save(folder / f"{k}.safetensors"))
     acc.wait_for_everyone()
-    return TrainResult(out, cache_files=files, skipped_rows=len(dataset.skipped), components=list(pipe.components),
-                       pipe=pipe)  # fmt: skip
+    return TrainResult(out, main_process=acc.is_main_process, cache_files=files,
+                       skipped_rows=len(dataset.skipped), components=list(pipe.components), pipe=pipe)  # fmt: skip
 
 
 class _Run:
     """One training run (state shared by the loop, the saves and the resume)."""
 
-    def __init__(self, args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path, lora_files: LoRAFiles | None):
+    def __init__(
+        self, args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path, lora_files: LoRAFiles | None
+    ):
         from accelerate.utils import DistributedType
 
         self.args, self.acc, self.pipe, self.task, self.out = args, acc, pipe, task, out
@@ -182,22 +195,26 @@ class _Run:
                 if role not in roles or not self.deepspeed:
                     as_module(comp, role).to(acc.device)
             pipe.device = acc.device
-        self.module = TrainingModule(pipe, task, roles, offload_activations=args.use_gradient_checkpointing_offload)
+        self.module = TrainingModule(
+            pipe, task, roles, offload_activations=args.use_gradient_checkpointing_offload
+        )
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
         # the seed's scheduler: ConstantLR's defaults (lr/3 for the first 5 steps), stepped once per optimizer step
         self.scheduler = torch.optim.lr_scheduler.ConstantLR(self.optimizer)
-        self.model, self.optimizer = acc.prepare(self.module, self.optimizer)
         self.dataset = _dataset(args, task, pipe)
         self.encode = _encoder(args, pipe, task)
         self.spec = PlanSpec(args.batch_size, acc.num_processes, args.gradient_accumulation_steps, args.seed,
                              args.shuffle)  # fmt: skip
         self.buckets = [self.dataset.bucket(i) for i in range(len(self.dataset))]
-        self.result = TrainResult(out, skipped_rows=len(self.dataset.skipped), components=list(pipe.components),
-                                  pipe=pipe)  # fmt: skip
+        self.result = TrainResult(out, main_process=acc.is_main_process, skipped_rows=len(self.dataset.skipped),
+                                  components=list(pipe.components), pipe=pipe)  # fmt: skip
         self.epoch, self.step_in_epoch = 0, 0
-        if args.resume_from_checkpoint:
-            self.resume(args.resume_from_checkpoint)
+        # weights go in before accelerate/DeepSpeed wrap (ZeRO-3 partitions them), the rest after
+        state = self.load_weights(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        self.model, self.optimizer = acc.prepare(self.module, self.optimizer)
+        if state is not None:
+            self.restore(*state)
 
     # -- resume ----------------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -206,13 +223,14 @@ class _Run:
                 "accumulation": self.args.gradient_accumulation_steps, "samples": len(self.dataset),
                 "shuffle": self.args.shuffle, "task": self.args.task}  # fmt: skip
 
-    def resume(self, spec: str) -> None:
+    def load_weights(self, spec: str) -> tuple[Path, dict[str, Any], dict[str, Any] | None] | None:
+        """Load the trained weights of ``--resume_from_checkpoint``; return what :meth:`restore` needs for an
+        exact resume (None for a weight file: the seed's meaning, a new schedule from these weights)."""
         folder, weights_file = ckpt.find_resume(spec, self.args.output_path)
-        unwrapped = self.acc.unwrap_model(self.model)
-        if folder is None:  # the seed's meaning: start from these weights
-            load_trainable(unwrapped, ckpt.read_weights(weights_file), self.args.remove_prefix_in_ckpt,
+        if folder is None:
+            load_trainable(self.module, ckpt.read_weights(weights_file), self.args.remove_prefix_in_ckpt,
                            f"--resume_from_checkpoint {weights_file}")  # fmt: skip
-            return
+            return None
         info, weights, opt = ckpt.read_state(folder)
         mine = self.info()
         for key in ("seed", "batch_size", "processes", "accumulation", "samples", "shuffle"):
@@ -222,7 +240,11 @@ class _Run:
                     f"{key}={mine[key]}; use the same settings, or resume from the weights file "
                     f"({Path(self.args.output_path) / (folder.name + '.safetensors')}) to start a new schedule"
                 )
-        load_trainable(unwrapped, weights, None, f"training state {folder}")
+        load_trainable(self.module, weights, None, f"training state {folder}")
+        return folder, info, opt
+
+    def restore(self, folder: Path, info: dict[str, Any], opt: dict[str, Any] | None) -> None:
+        """Optimizer, LR scheduler, RNG and data position of an exact resume."""
         if self.deepspeed:
             self.acc.load_state(str(folder / "accelerate"))
         elif opt is not None:
@@ -266,8 +288,8 @@ class _Run:
         args, acc = self.args, self.acc
         rank = acc.process_index
         log = MetricsLog(self.out, enabled=acc.is_main_process, resume_step=self.result.global_step)
-        plans = [epoch_plan(self.buckets, self.spec, e) for e in range(args.num_epochs)]
-        total = sum(len(p) for p in plans)
+        # every epoch has the same number of steps (the buckets do not change); plans are made one at a time
+        total = len(epoch_plan(self.buckets, self.spec, 0)) * args.num_epochs
         if args.max_steps is not None:
             total = min(total, args.max_steps)
         bar = tqdm(total=total, initial=min(self.result.global_step, total), desc="training",
@@ -275,7 +297,7 @@ class _Run:
         saved_at = None
         try:
             while self.epoch < args.num_epochs and not self.done():
-                steps = plans[self.epoch]
+                steps = epoch_plan(self.buckets, self.spec, self.epoch)
                 batches = PlanSampler(steps, self.spec, rank, self.step_in_epoch)
                 it = iter(_loader(self.dataset, batches, args.dataset_num_workers))
                 epoch_done = False
@@ -320,11 +342,20 @@ class _Run:
             batch = collate([self.encode(s) for s in samples]).to(self.pipe.device, self.pipe.dtype)
             gens = [torch.Generator().manual_seed(sample_seed(args.seed, self.epoch, pos)) for _, pos in mine]
             last = m == n - 1
-            acc.gradient_state._set_sync_gradients(last)  # DeepSpeed and DDP sync on the last micro-batch only
-            with nullcontext() if last else acc.no_sync(self.model):
-                loss = self.model(batch, gens)
-                # accelerate divides by gradient_accumulation_steps; make it the mean over this step's n
-                acc.backward(loss * (args.gradient_accumulation_steps / n))
+            # DeepSpeed and DDP sync gradients on the last micro-batch only (accelerate's flag; we own the grouping)
+            acc.gradient_state._set_sync_gradients(last)
+            try:
+                with nullcontext() if last else acc.no_sync(self.model):
+                    loss = self.model(batch, gens)
+                    # accelerate divides by gradient_accumulation_steps; make it the mean over this step's n
+                    acc.backward(loss * (args.gradient_accumulation_steps / n))
+            except RuntimeError as e:
+                if "find_unused_parameters" not in str(e):
+                    raise
+                raise InvalidInputError(
+                    "some trained parameters do not reach the loss (e.g. LoRA on the last block's text MLP, whose "
+                    "output nothing reads); DDP needs --find_unused_parameters for that"
+                ) from e
             losses.append(loss.detach().float())
         self.optimizer.step()
         self.scheduler.step()

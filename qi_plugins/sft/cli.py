@@ -13,7 +13,9 @@ from qi_core.training.args import add_train_arguments
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
-    add_train_arguments(parser)
+    from qi_plugins.sft import QWEN_LORA_TARGETS
+
+    add_train_arguments(parser, {"lora_target_modules": QWEN_LORA_TARGETS})
     parser.set_defaults(func=run_train)
 
 
@@ -23,6 +25,8 @@ def run_train(ns: argparse.Namespace) -> int:
 
     args = from_namespace(ns)
     result = train(args)
+    if not result.main_process:
+        return 0
     if args.stage == "data_process":
         print(f"cached {len(result.cache_files)} samples under {result.output_path}")
     else:
@@ -42,7 +46,9 @@ def configure_validate(parser: argparse.ArgumentParser) -> None:
                              "(its newest checkpoint); repeatable")  # fmt: skip
     parser.add_argument("--lora", action="append", default=[], help="a LoRA file (any layout); repeatable")
     parser.add_argument("--lora-scale", type=float, default=1.0)
-    parser.add_argument("--dit-weights", default=None, help="full DiT weights saved by --trainable_models dit")
+    parser.add_argument(
+        "--dit-weights", default=None, help="full DiT weights saved by --trainable_models dit"
+    )
     parser.add_argument("--role", default="dit", help="component the checkpoint belongs to")
     parser.add_argument("--strip-prefix", default="", help="prefix to remove from full-weight keys")
     parser.add_argument("--pipeline", default="qwen-image")
@@ -68,9 +74,13 @@ def run_validate(ns: argparse.Namespace) -> int:
     from qi_plugins.sft.validate import load_trained, resolve_checkpoint
 
     if not (ns.checkpoint or ns.lora or ns.dit_weights):
-        raise InvalidInputError("qi validate needs --checkpoint, --lora or --dit-weights (what training saved)")
+        raise InvalidInputError(
+            "qi validate needs --checkpoint, --lora or --dit-weights (what training saved)"
+        )
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[ns.dtype]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
+        ns.dtype
+    ]
     pipe = qi.compose(ns.pipeline, model=ns.model, device=device, torch_dtype=dtype)
     loaded = []
     for given in ns.checkpoint + ns.lora:

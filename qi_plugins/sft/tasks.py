@@ -63,11 +63,19 @@ class SFT:
         # the seed casts the timestep to the model dtype and looks sigma and weight up by the nearest timestep
         t = timesteps[tid].to(pipe.dtype)
         idx = torch.argmin((timesteps - t.float()).abs())
-        return {"timestep_id": tid, "timestep": t, "noise": noise, "sigma": sigmas[idx], "weight": weights[idx]}
+        return {
+            "timestep_id": tid,
+            "timestep": t,
+            "noise": noise,
+            "sigma": sigmas[idx],
+            "weight": weights[idx],
+        }
 
     def loss(self, pipe: Any, batch: Conditioning, generator: Any) -> torch.Tensor:
         x0 = batch.latents
-        draws = [self.draw(pipe, frames(x0, batch, i), g) for i, g in enumerate(generators_for(batch, generator))]
+        draws = [
+            self.draw(pipe, frames(x0, batch, i), g) for i, g in enumerate(generators_for(batch, generator))
+        ]
         f = batch.target_frames
         sigma = torch.stack([d["sigma"] for d in draws]).repeat_interleave(f).to(x0.device, torch.float32)
         sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
@@ -78,7 +86,8 @@ class SFT:
         with pipe.using("dit") as dit:
             pred = (dit or pipe.components["dit"])(batch.denoise_input(noisy, timestep))
         losses = [
-            F.mse_loss(frames(pred, batch, i).float(), frames(target, batch, i).float()) * d["weight"].to(x0.device)
+            F.mse_loss(frames(pred, batch, i).float(), frames(target, batch, i).float())
+            * d["weight"].to(x0.device)
             for i, d in enumerate(draws)
         ]
         loss = torch.stack(losses).mean()
