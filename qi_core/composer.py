@@ -28,7 +28,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     name for every component, or ``{role: name}`` per component (roles not named stay resident), or policy
     objects.
     ``components``: per-role weights overriding the recipe (a folder, a file, a list of files or a
-    :class:`~qi_core.loading.ModelConfig`), e.g. ``{"blockwise_controlnet": ["canny.safetensors"]}``.
+    :class:`~qi_core.loading.ModelConfig`), e.g. ``{"dit": "my_finetune.safetensors"}``.
     ``roles``: load only these component roles (the others stay absent), e.g. ``{"dit"}`` for the second
     stage of split training; None loads every role.
     """

@@ -21,7 +21,7 @@ qi_register_memory_policies  where weights live and when they move
 qi_register_training_tasks   losses and data steps for ``qi train``
 qi_register_adapters         weight adapters (LoRA-like) and named adapter bundles composable by name
 qi_register_pipelines        recipes: a named composition of the parts above
-qi_register_commands         ``qi`` sub-commands (``qi lora convert``, ``qi i2l`` …)
+qi_register_commands         ``qi`` sub-commands added by plugins
 ===========================  ================================================================================
 
 The runtime protocols of the registered objects (what an injector's methods receive, what a denoiser is

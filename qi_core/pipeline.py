@@ -55,8 +55,8 @@ class RunState:
     timesteps: torch.Tensor | None = None  # (N,) float32
     noise: torch.Tensor | None = None  # (F, C, h, w)
     latents: torch.Tensor | None = None
-    target_frames: int = 1  # frames of the target (layered sets more in prepare)
-    frames_as_list: bool = False  # return a list of images even for one frame (layered, layer_num=0)
+    target_frames: int = 1  # frames of the target (an injector may set more in prepare)
+    frames_as_list: bool = False  # return a list of images even for one frame
     prompts: dict[str, list[TextSegment]] = field(default_factory=dict)  # side → text segments
     data: dict[str, Any] = field(default_factory=dict)
 

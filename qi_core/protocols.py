@@ -58,7 +58,7 @@ class DenoiseInput:
     extra_timesteps: list[float] = field(default_factory=list)  # timesteps for modulation indices 1..
     attention_mask: torch.Tensor | None = None  # additive (B, 1, S, S) over the joint sequence, or None
     block_hooks: list[BlockHook] = field(default_factory=list)
-    target_frames: int = 1  # frames of the target folded into the batch axis (layered)
+    target_frames: int = 1  # frames of the target folded into the batch axis
     extras: dict[str, Any] = field(default_factory=dict)  # variant-specific inputs keyed by injector name
 
 

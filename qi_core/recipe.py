@@ -15,9 +15,7 @@ class Component:
     subfolder: str | None  # folder inside the model repository (official layout); None = not loaded from it
     kind: str = "encoder"  # registry kind of ``part``: "encoder" or "denoiser"
     required: bool = True  # a missing folder is an error (else the slot stays empty)
-    model: str | None = (
-        None  # hub id or folder it comes from, when not the pipeline's model (e.g. a ControlNet)
-    )
+    model: str | None = None  # hub id or folder it comes from, when not the pipeline's model (an extra model)
     pattern: str | None = None  # files to fetch from ``model`` (glob, e.g. "model.safetensors")
 
 

@@ -37,7 +37,9 @@ class TrainArgs(BaseModel):
     resume_from_checkpoint: str | None = None  # a step-N.safetensors, a checkpoints/step-N folder or "latest"
     tokenizer_path: str | None = None  # tokenizer folder replacing the model's tokenizer/
     processor_path: str | None = None  # VL processor folder replacing the model's processor/
-    zero_cond_t: bool = False  # Edit-2511: passed to the pipeline when it accepts it
+    call_params: dict[
+        str, Any
+    ] = {}  # call parameters given to the pipeline for every sample (plugins' flags)
     initialize_model_on_cpu: bool = False  # build on the CPU, let accelerate/DeepSpeed place (ZeRO-3)
     # -- training (seed) --
     learning_rate: float = Field(1e-4, gt=0)  # AdamW learning rate (ConstantLR as the seed)
@@ -128,7 +130,6 @@ _FLAGS = {
     "use_gradient_checkpointing",
     "use_gradient_checkpointing_offload",
     "initialize_model_on_cpu",
-    "zero_cond_t",
     "skip_bad_rows",
 }
 
@@ -137,6 +138,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
     """Add every :class:`TrainArgs` field as ``--name`` (underscores, as the seed) to ``parser``."""
     defaults = defaults or {}
     for name, f in TrainArgs.model_fields.items():
+        if name == "call_params":  # filled by plugins' own flags, not a command-line argument
+            continue
         default = defaults.get(name, f.default)
         help_ = _HELP.get(name, "")
         if name in _FLAGS:
@@ -210,7 +213,6 @@ _HELP = {
     "gradient_accumulation_steps": "micro-batches per optimizer step",
     "tokenizer_path": "tokenizer folder replacing the model's tokenizer/",
     "processor_path": "processor folder replacing the model's processor/",
-    "zero_cond_t": "Edit-2511 zero_cond_t (passed when the pipeline accepts it)",
     "initialize_model_on_cpu": "build models on the CPU (DeepSpeed ZeRO-3)",
     "pipeline": "recipe name (see `qi pipelines`)",
     "model": "model folder or hub id in the official layout",

@@ -127,7 +127,7 @@ def train(
 
 def _encoder(args: TrainArgs, pipe: Any, task: Any):
     extra = tuple(TrainArgs.split(args.extra_inputs))
-    overrides = {"zero_cond_t": True} if args.zero_cond_t else {}
+    overrides = dict(args.call_params)
     encode = getattr(task, "encode", None)
 
     def run(sample: dict[str, Any]) -> Conditioning:

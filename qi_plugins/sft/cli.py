@@ -16,6 +16,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     from qi_plugins.sft import QWEN_LORA_TARGETS
 
     add_train_arguments(parser, {"lora_target_modules": QWEN_LORA_TARGETS})
+    parser.add_argument("--zero_cond_t", action="store_true",
+                        help="Edit-2511: reference-image tokens modulated at t = 0 (the seed's flag)")  # fmt: skip
     parser.set_defaults(func=run_train)
 
 
@@ -24,6 +26,8 @@ def run_train(ns: argparse.Namespace) -> int:
     from qi_plugins.sft import train
 
     args = from_namespace(ns)
+    if getattr(ns, "zero_cond_t", False):
+        args.call_params["zero_cond_t"] = True
     result = train(args)
     if not result.main_process:
         return 0
