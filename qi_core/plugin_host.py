@@ -199,3 +199,16 @@ def plugin_module(name: str, **hooks: Any) -> types.ModuleType:
     for hook_name, fn in hooks.items():
         setattr(mod, hook_name, hookspecs.hookimpl(fn))
     return mod
+
+
+def lazy_attributes(package: str, exports: dict[str, str]):
+    """A module ``__getattr__`` importing each exported name from its module on first use, so a plugin's
+    ``__init__`` stays cheap to import: ``__getattr__ = lazy_attributes(__name__, {"LoRA": "pkg.adapter"})``."""
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

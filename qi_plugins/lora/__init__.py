@@ -9,9 +9,8 @@ Registration is cheap: ``LoRA`` and friends are imported on first attribute acce
 
 from __future__ import annotations
 
-from typing import Any
-
 from qi_core.hookspecs import hookimpl
+from qi_core.plugin_host import lazy_attributes
 
 QI_HOOK_API = 1
 
@@ -31,12 +30,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 @hookimpl
