@@ -33,3 +33,35 @@ def tiny_model(tmp_path_factory):
     from qi_plugins.qwen_image.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen-image")
+
+
+def golden_call(case: dict, folder: Path) -> dict:
+    """The case's DiffSynth call arguments with every ``{"$image": file}`` opened as a PIL image (nested too)."""
+    from PIL import Image
+
+    def value(v):
+        if isinstance(v, dict) and "$image" in v:
+            with Image.open(folder / v["$image"]) as im:
+                return im.copy()
+        if isinstance(v, dict):
+            return {k: value(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [value(x) for x in v]
+        return v
+
+    return {k: value(v) for k, v in case["call"].items()}
+
+
+def tolerance_group(name: str) -> str:
+    """The golden README's tolerance group of a recorded tensor."""
+    if "prompt_emb" in name:
+        return "text_embedding"
+    if name.startswith(("fused_weight.", "lora.", "lora_image_")):
+        return "weights"
+    if name == "image_float" or name.startswith("vae_decode"):
+        return "image_float"
+    if name == "sigmas":
+        return "sigmas_and_weights"
+    if name == "timesteps":
+        return "timesteps"
+    return "latents"

@@ -6,8 +6,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from conftest import GOLDEN, GOLDEN_MODEL, golden_case
-from PIL import Image
+from conftest import GOLDEN, GOLDEN_MODEL, golden_call, golden_case
 
 import qi_core as qi
 
@@ -31,34 +30,6 @@ def components_for(case: dict) -> dict[str, Any]:
 
 def compose_for(name: str, case: dict):
     return qi.compose(CASES[name], model=GOLDEN_MODEL, progress=False, components=components_for(case))
-
-
-def _value(v: Any, folder) -> Any:
-    if isinstance(v, dict) and "$image" in v:
-        with Image.open(folder / v["$image"]) as im:
-            return im.copy()
-    if isinstance(v, dict):
-        return {k: _value(x, folder) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_value(x, folder) for x in v]
-    return v
-
-
-def call_args(case: dict, folder) -> dict[str, Any]:
-    """The case's DiffSynth call, images opened; ``blockwise_controlnet_inputs`` stay dicts (accepted as is)."""
-    return {k: _value(v, folder) for k, v in case["call"].items()}
-
-
-def group(name: str) -> str:
-    if "prompt_emb" in name:
-        return "text_embedding"
-    if name == "image_float":
-        return "image_float"
-    if name == "sigmas":
-        return "sigmas_and_weights"
-    if name == "timesteps":
-        return "timesteps"
-    return "latents"
 
 
 class Recorder:
@@ -120,5 +91,5 @@ def golden_run(name: str):
     """One recorded run per golden case and test session: (pipe, case, want, folder, output, traced, calls)."""
     case, want, folder = golden_case(name)
     pipe = compose_for(name, case)
-    image, got, calls = run(pipe, call_args(case, folder), record=True)
+    image, got, calls = run(pipe, golden_call(case, folder), record=True)
     return pipe, case, want, folder, image, got, calls

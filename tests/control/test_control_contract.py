@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GOLDEN_MODEL, golden_case
-from control_golden import call_args, compose_for, golden_run, run
+from conftest import GOLDEN_MODEL, golden_call, golden_case
+from control_golden import compose_for, golden_run, run
 
 import qi_core as qi
 from qi_core.protocols import DenoiseInput
@@ -171,7 +171,7 @@ def test_context_image_enters_as_an_image_segment(recorded):
 
 def test_prompt_prefix_comes_from_the_recipe_not_the_bare_injector():
     case, want, folder = golden_case("context_image")
-    args = call_args(case, folder)
+    args = golden_call(case, folder)
     assert args["prompt"].startswith(PROMPT_PREFIX)
     bare_prompt = args["prompt"][len(PROMPT_PREFIX) :]
     # the recipe adds the prefix (once): the unprefixed prompt gives the golden embedding

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GOLDEN, GOLDEN_MODEL, golden_case
-from control_golden import call_args, compose_for
+from conftest import GOLDEN, GOLDEN_MODEL, golden_call, golden_case
+from control_golden import compose_for
 from PIL import Image
 
 import qi_core as qi
@@ -19,7 +19,7 @@ QUIET = {"progress_bar_cmd": lambda x: x, "output_type": "latent", "num_inferenc
 @pytest.fixture(scope="module")
 def eligen():
     case, _, folder = golden_case("eligen")
-    return compose_for("eligen", case), call_args(case, folder)
+    return compose_for("eligen", case), golden_call(case, folder)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from control_golden import CASES, golden_run, group
+from conftest import tolerance_group
+from control_golden import CASES, golden_run
 from PIL import Image
 
 
@@ -25,7 +26,9 @@ def test_every_recorded_tensor_matches(results, name):
             continue  # tokenizer inputs and the all-ones global prompt masks: the core does not trace them
         assert key in got, f"{name}: our pipeline recorded no {key!r} (have {sorted(got)})"
         diff = (got[key].to(torch.float32).reshape(ref.shape) - ref).abs().max().item()
-        assert diff <= tol[group(key)], f"{name}: {key} differs by {diff:.3g} > {tol[group(key)]}"
+        assert diff <= tol[tolerance_group(key)], (
+            f"{name}: {key} differs by {diff:.3g} > {tol[tolerance_group(key)]}"
+        )
         compared.append(key)
     assert {"final_latents", "image_float", "noise_pred_posi_step_0"} <= set(compared)
     np.testing.assert_allclose(

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import torch
 from conftest import GOLDEN_MODEL
-from PIL import Image
+from conftest import golden_call as call_args  # noqa: F401
 
 import qi_core as qi
 
@@ -17,18 +16,6 @@ QUIET = {"progress_bar_cmd": lambda x: x}
 @cache
 def edit_pipe(name: str = "qwen-image-edit"):
     return qi.compose(name, model=GOLDEN_MODEL, device="cpu", torch_dtype=torch.float32, progress=False)
-
-
-def call_args(case: dict, folder: Path) -> dict:
-    def load(v):
-        if isinstance(v, dict) and "$image" in v:
-            with Image.open(folder / v["$image"]) as im:
-                return im.copy()
-        if isinstance(v, list):
-            return [load(x) for x in v]
-        return v
-
-    return {k: load(v) for k, v in case["call"].items()}
 
 
 def run_traced(pipe, **kwargs) -> tuple[object, dict[str, torch.Tensor]]:

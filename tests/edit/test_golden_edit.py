@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import golden_case
-from edit_helpers import call_args, edit_pipe, run_traced
+from conftest import golden_call, golden_case, tolerance_group
+from edit_helpers import edit_pipe, run_traced
 from PIL import Image
 
 # case → recipe it runs through (the Lowres-Fix golden call is DiffSynth without the LoRA: the plain Edit recipe)
@@ -22,18 +22,6 @@ CASES = {
     "edit_lowres_fix": "qwen-image-edit",
 }
 EXACT = ("input_ids", "attention_mask", "image_grid_thw")
-
-
-def group(name: str) -> str:
-    if "prompt_emb" in name:
-        return "text_embedding"
-    if name == "image_float":
-        return "image_float"
-    if name == "sigmas":
-        return "sigmas_and_weights"
-    if name == "timesteps":
-        return "timesteps"
-    return "latents"
 
 
 class Recorder:
@@ -51,7 +39,7 @@ class Recorder:
 def test_golden_edit_case(name):
     case, want, folder = golden_case(name)
     pipe = edit_pipe(CASES[name])
-    args = call_args(case, folder)
+    args = golden_call(case, folder)
     if name == "edit_2511":
         assert args.pop("zero_cond_t") is True  # the recipe's default must do it
     proc = pipe.components["processor"]
@@ -72,7 +60,7 @@ def test_golden_edit_case(name):
             assert torch.equal(ours, ref), f"{name}: {key} differs"
             continue
         assert ours.shape == ref.shape, (key, ours.shape, ref.shape)
-        atol = 1e-6 if key.endswith("pixel_values") else tol[group(key)]
+        atol = 1e-6 if key.endswith("pixel_values") else tol[tolerance_group(key)]
         diff = (ours.float() - ref).abs().max().item()
         assert diff <= atol, f"{name}: {key} differs by {diff:.3g} > {atol}"
 
@@ -104,7 +92,7 @@ def test_rope_interpolation_is_not_cached_across_calls():
     """DiffSynth reuses an interpolated RoPE table in later plain calls with the same shapes; we must not."""
     case, want, folder = golden_case("edit_lowres_fix")
     pipe = edit_pipe("qwen-image-edit")
-    args = call_args(case, folder)
+    args = golden_call(case, folder)
     args.update(num_inference_steps=2, output_type="latent")
     plain = {**args, "edit_rope_interpolation": False}
     before = pipe(**plain, progress_bar_cmd=lambda x: x)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from conftest import GOLDEN, GOLDEN_MODEL
-from PIL import Image
+from conftest import golden_call as call_args  # noqa: F401
 
 QI = GOLDEN_MODEL
 LAYERED = GOLDEN / "models" / "qwen_image_layered"
@@ -46,22 +46,6 @@ def make_models_dir(base: Path, layout: dict[str, dict[str, Path]] = LAYOUT) -> 
             except OSError:
                 (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
     return base / "models"
-
-
-def call_args(case: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """A golden case's call, images opened."""
-
-    def load(v: Any) -> Any:
-        if isinstance(v, dict) and "$image" in v:
-            with Image.open(folder / v["$image"]) as im:
-                return im.copy()
-        if isinstance(v, dict):
-            return {k: load(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [load(x) for x in v]
-        return v
-
-    return {k: load(v) for k, v in case["call"].items()}
 
 
 def same(a: Any, b: Any) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, GOLDEN_MODEL, golden_case
+from conftest import GOLDEN, GOLDEN_MODEL, golden_call, golden_case, tolerance_group
 from PIL import Image
 
 import qi_core as qi
@@ -25,32 +25,12 @@ def pipes():
     return {r: qi.compose(r, model=GOLDEN_MODEL, progress=False, components=parts) for r in CASES.values()}
 
 
-def call_args(case: dict, folder) -> dict:
-    args = {}
-    for k, v in case["call"].items():
-        if isinstance(v, dict) and "$image" in v:
-            with Image.open(folder / v["$image"]) as im:
-                v = im.copy()
-        args[k] = v
-    return args
-
-
-def group(name: str) -> str:
-    if "prompt_emb" in name:
-        return "text_embedding"
-    if name == "image_float":
-        return "image_float"
-    if name == "sigmas":
-        return "sigmas_and_weights"
-    return "timesteps" if name == "timesteps" else "latents"
-
-
 def run_case(pipe, name: str, **overrides):
     case, want, folder = golden_case(name)
     got: dict[str, torch.Tensor] = {}
     pipe.tracer = lambda k, v: got.__setitem__(k, v.detach().clone())
     try:
-        out = pipe(**{**call_args(case, folder), **overrides}, progress_bar_cmd=lambda x: x)
+        out = pipe(**{**golden_call(case, folder), **overrides}, progress_bar_cmd=lambda x: x)
     finally:
         pipe.tracer = None
     return case, want, folder, got, out
@@ -66,7 +46,9 @@ def test_golden_layered_case(pipes, name):
             continue
         assert key in got, f"{name}: our pipeline recorded no {key!r} (have {sorted(got)})"
         diff = (got[key].to(torch.float32).reshape(ref.shape) - ref).abs().max().item()
-        assert diff <= tol[group(key)], f"{name}: {key} differs by {diff:.3g} > {tol[group(key)]}"
+        assert diff <= tol[tolerance_group(key)], (
+            f"{name}: {key} differs by {diff:.3g} > {tol[tolerance_group(key)]}"
+        )
         compared.append(key)
     assert {"layer_input_latents", "final_latents", "image_float"} <= set(compared)
     frames = case["call"]["layer_num"] + 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN, GOLDEN_MODEL, golden_case
+from conftest import GOLDEN, GOLDEN_MODEL, golden_case, tolerance_group
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -14,16 +14,6 @@ import qi_core as qi
 from qi_plugins.lora import LoRA, load_lora
 
 CASES = ["lora_diffsynth", "lora_alpha"]
-
-
-def group(name: str) -> str:
-    if "prompt_emb" in name:
-        return "text_embedding"
-    if name.startswith("fused_weight."):
-        return "weights"
-    return {"image_float": "image_float", "sigmas": "sigmas_and_weights", "timesteps": "timesteps"}.get(
-        name, "latents"
-    )
 
 
 def run(pipe, case) -> tuple[dict[str, torch.Tensor], np.ndarray]:
@@ -51,7 +41,9 @@ def check_against_golden(name, pipe, got, out, fused: bool) -> dict[str, float]:
             assert key in got, f"{name}: nothing recorded as {key!r}"
             ours = got[key]
         diffs[key] = (ours.float().reshape(ref.shape) - ref).abs().max().item()
-        assert diffs[key] <= tol[group(key)], f"{name}: {key} differs by {diffs[key]:.3g} > {tol[group(key)]}"
+        assert diffs[key] <= tol[tolerance_group(key)], (
+            f"{name}: {key} differs by {diffs[key]:.3g} > {tol[tolerance_group(key)]}"
+        )
     assert "final_latents" in diffs and "image_float" in diffs
     assert fused == any(k.startswith("fused_weight.") for k in diffs)
     ours8 = ((torch.from_numpy(out) + 1) * 127.5).clip(0, 255).to(torch.uint8).numpy().astype(int)

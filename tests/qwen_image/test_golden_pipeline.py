@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN_MODEL, golden_case
+from conftest import GOLDEN_MODEL, golden_call, golden_case, tolerance_group
 from PIL import Image
 
 import qi_core as qi
@@ -24,28 +24,6 @@ def pipe():
     )
 
 
-def call_args(case: dict, folder) -> dict:
-    args = {}
-    for k, v in case["call"].items():
-        if isinstance(v, dict) and "$image" in v:
-            with Image.open(folder / v["$image"]) as im:
-                v = im.copy()
-        args[k] = v
-    return args
-
-
-def group(name: str) -> str:
-    if "prompt_emb" in name:
-        return "text_embedding"
-    if name == "image_float" or name.startswith("vae_decode"):
-        return "image_float"
-    if name == "sigmas":
-        return "sigmas_and_weights"
-    if name == "timesteps":
-        return "timesteps"
-    return "latents"
-
-
 TRACE_ALIASES = {"noise_pred_posi": "noise_pred_posi", "noise_pred_nega": "noise_pred_nega"}
 
 
@@ -55,7 +33,7 @@ def test_golden_case(pipe, name):
     got: dict[str, torch.Tensor] = {}
     pipe.tracer = lambda k, v: got.__setitem__(k, v.detach().clone())
     try:
-        out = pipe(**call_args(case, folder), output_type="np", progress_bar_cmd=lambda x: x)
+        out = pipe(**golden_call(case, folder), output_type="np", progress_bar_cmd=lambda x: x)
     finally:
         pipe.tracer = None
     tol = {g: t["recommended_atol"] for g, t in case["tolerances"].items()}
@@ -66,7 +44,9 @@ def test_golden_case(pipe, name):
         assert key in got, f"{name}: our pipeline recorded no {key!r} (have {sorted(got)})"
         ours = got[key].to(torch.float32).reshape(ref.shape)
         diff = (ours - ref).abs().max().item()
-        assert diff <= tol[group(key)], f"{name}: {key} differs by {diff:.3g} > {tol[group(key)]}"
+        assert diff <= tol[tolerance_group(key)], (
+            f"{name}: {key} differs by {diff:.3g} > {tol[tolerance_group(key)]}"
+        )
         compared.append(key)
     assert "final_latents" in compared and "image_float" in compared
     # the public output is the raw decoder output (H, W, C)
