@@ -25,6 +25,7 @@ _LAZY = {
     "BadRowError": "qi_core.training.data",
     "SizeSpec": "qi_core.training.data",
     "register_file_loader": "qi_core.training.data",
+    "register_column_adapter": "qi_core.training.data",
     "LoRAFiles": "qi_core.training.models",
     "read_log": "qi_core.training.metrics",
 }
@@ -44,6 +45,7 @@ __all__ = [
     "from_namespace",
     "make_args",
     "read_log",
+    "register_column_adapter",
     "register_file_loader",
     "train",
 ]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_core.images import image_to_tensor
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
+from qi_core.training.data import adapt_columns
 
 FORMAT = "qi-conditioning/1"
 
@@ -196,6 +197,7 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
     accepted = pipe.parameters()
     params.update({k: v for k, v in (overrides or {}).items() if k in accepted})
     try:
+        params = adapt_columns(params, extra_inputs)  # plugin-registered column → call-parameter mappings
         state = pipe._state(params)
     except InvalidInputError as e:
         raise InvalidInputError(f"{where}: {e}") from None
@@ -205,8 +207,12 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
             p["num_inference_steps"], height=height, width=width,
             denoising_strength=float(p["denoising_strength"]), exponential_shift_mu=p["exponential_shift_mu"],
         )  # fmt: skip
-        for inj in pipe.injectors:
-            inj.validate(pipe, state)
+        try:
+            for inj in pipe.injectors:
+                inj.validate(pipe, state)
+        except InvalidInputError as e:  # a plugin's check of a row's values: name the row, keep the type
+            e.args = (f"{where}: {e}", *e.args[1:])
+            raise
         for inj in pipe.injectors:
             inj.prepare(pipe, state)
         x0 = encode_images(pipe, frames, state.dtype)

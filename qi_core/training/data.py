@@ -101,6 +101,33 @@ def register_file_loader(key: str, loader: FileLoader) -> None:
     FILE_LOADERS[key] = loader
 
 
+ColumnAdapter = Callable[[dict[str, Any]], dict[str, Any]]
+"""``adapter({column: value}) -> {call parameter: value}`` for the columns of one row it was registered for."""
+
+COLUMN_ADAPTERS: dict[tuple[str, ...], ColumnAdapter] = {}
+
+
+def register_column_adapter(columns: Sequence[str], adapter: ColumnAdapter) -> None:
+    """Let ``--extra_inputs`` columns that are not call parameters themselves become one: when a row passes any
+    of ``columns``, they are handed (present ones only) to ``adapter``, whose result is used as call parameters
+    instead (e.g. the seed's ``x_image`` / ``x_mask`` columns gathered into one structured ``x_inputs``)."""
+    if not callable(adapter):
+        raise InvalidInputError(
+            f"column adapter for {list(columns)} must be callable, got {type(adapter).__name__}"
+        )
+    COLUMN_ADAPTERS[tuple(columns)] = adapter
+
+
+def adapt_columns(params: dict[str, Any], extra_inputs: Sequence[str]) -> dict[str, Any]:
+    """``params`` with the adapted ``--extra_inputs`` columns replaced by the adapters' call parameters."""
+    out = dict(params)
+    for columns, adapter in COLUMN_ADAPTERS.items():
+        given = {c: out.pop(c) for c in columns if c in extra_inputs and c in out}
+        if given:
+            out.update(adapter(given))
+    return out
+
+
 # -- metadata ----------------------------------------------------------------------------------------------
 def read_metadata(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """``[(where, row)]`` from a .csv, .json (a list of objects) or .jsonl file; ``where`` names the row."""
@@ -189,6 +216,12 @@ class MetadataDataset:
             value = row.get(key)
             if value is None:
                 continue
+            if isinstance(value, str) and value.strip().startswith("[") and value.strip().endswith("]"):
+                # a csv cell can only hold text: a list of files is written as a JSON list
+                try:
+                    value = row[key] = json.loads(value)
+                except json.JSONDecodeError:
+                    raise BadRowError(where, key, f"{value!r} is not a JSON list of paths") from None
             paths = value if isinstance(value, list) else [value]
             for p in paths:
                 sizes.append((key, self._header(where, key, p)))

@@ -58,6 +58,8 @@ def model_sources(args: TrainArgs, recipe: Any) -> tuple[Any, dict[str, Any], di
         for part in reversed(parts):
             if part in by_folder:
                 return by_folder[part]
+            if part in recipe.components:  # a folder named after the role (models/<role>/model.safetensors)
+                return part
         raise InvalidInputError(
             f"cannot tell which component of {recipe.name!r} {text!r} holds; name it as ROLE=…, roles: "
             f"{', '.join(recipe.components)} (e.g. dit={text})"
@@ -70,7 +72,10 @@ def model_sources(args: TrainArgs, recipe: Any) -> tuple[Any, dict[str, Any], di
             raise InvalidInputError(f"--model_paths must be JSON (a list or {{role: path}}): {e}") from None
         items = list(paths.items()) if isinstance(paths, dict) else [(None, p) for p in paths]
         for role, value in items:
-            first = value[0] if isinstance(value, list) else value
+            if value == [] and role in recipe.components:  # {"role": []}: an optional component left out
+                overrides[role] = []
+                continue
+            first = value[0] if isinstance(value, list) and value else value
             role = role or role_of(
                 str(first), str(first) if Path(first).is_dir() else str(Path(first).parent)
             )
@@ -81,7 +86,7 @@ def model_sources(args: TrainArgs, recipe: Any) -> tuple[Any, dict[str, Any], di
             overrides[role] = _component_path(value)
             names[json.dumps(value) if isinstance(value, list) else str(value)] = role
         if root is None:  # local components of one official layout: its root has the tokenizer too
-            parents = {Path(v[0] if isinstance(v, list) else v).parent for v in overrides.values()}
+            parents = {Path(v[0] if isinstance(v, list) else v).parent for v in overrides.values() if v != []}
             roots = [q for q in (*parents, *(q.parent for q in parents)) if (q / "tokenizer").is_dir()]
             root = str(roots[0]) if roots else None
     if args.model_id_with_origin_paths:

@@ -144,10 +144,12 @@ def _dataset(args: TrainArgs, task: Any, pipe: Any) -> Any:
     if args.dataset_metadata_path is None:
         return CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
     size = SizeSpec(args.height, args.width, args.max_pixels, getattr(pipe, "size_multiple", 16))
+    # the pipeline's injectors may decode their columns their own way (RGBA layers), for this run only
+    loaders = {k: v for inj in pipe.injectors for k, v in getattr(inj, "file_loaders", {}).items()}
     return MetadataDataset(
         args.dataset_base_path, args.dataset_metadata_path, TrainArgs.split(args.data_file_keys),
         repeat=args.dataset_repeat, size=size, required=getattr(task, "required_columns", ("image",)),
-        skip_bad_rows=args.skip_bad_rows,
+        skip_bad_rows=args.skip_bad_rows, loaders=loaders,
     )  # fmt: skip
 
 

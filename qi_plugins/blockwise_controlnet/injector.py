@@ -25,15 +25,25 @@ ROLE = "blockwise_controlnet"  # the component slot holding the loaded ControlNe
 class ControlResidual:
     """``hook(b, img, txt)``: add the residuals of the active ControlNet inputs to the first ``n_target`` tokens."""
 
-    def __init__(self, terms: list[tuple[Any, torch.Tensor, float]], n_target: int, inputs: tuple[int, ...]):
+    def __init__(self, terms: list[tuple[Any, torch.Tensor, float]], n_target: int, inputs: tuple[int, ...],
+                 *, project: bool = False):  # fmt: skip
         self.terms = terms  # (ControlNet, projected conditioning (B, N, D), scale) per active input
         self.n_target = n_target
         self.inputs = inputs  # indices into blockwise_controlnet_inputs that are active at this step
+        # True: terms hold control latents (B, C, h, w), projected by img_in inside the denoiser's forward, so a
+        # ControlNet being trained gets gradients in img_in too (training encodes its samples without gradients)
+        self.project = project
+        self._projected: list[torch.Tensor] = []
 
     def __call__(self, index: int, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         x = img[:, : self.n_target]
+        if self.project and (index == 0 or not self._projected):  # once per forward: block 0 starts one
+            self._projected = [net.project(cond) for net, cond, _ in self.terms]
+        conds = self._projected if self.project else [cond for _, cond, _ in self.terms]
         res: torch.Tensor | float = 0.0
-        for net, cond, scale in self.terms:  # summed first, then added: DiffSynth's order of operations
+        for (net, _, scale), cond in zip(
+            self.terms, conds, strict=True
+        ):  # summed first, then added (DiffSynth)
             res = res + net.block(index, x, cond) * scale
         if img.shape[1] == self.n_target:
             return x + res
@@ -104,26 +114,30 @@ class BlockwiseControlNetInjector(Injector):
         ids = tuple(k for k, c in enumerate(d["inputs"]) if active(c, step, n))
         if not ids:
             return
-        if "projected" not in d:
+        if "nets" not in d:
             # the ControlNets are in use from the first active step to the end of denoising
             d["stack"] = stack = ExitStack()
             nets = stack.enter_context(pipe.using(ROLE)) or pipe.components[ROLE]
             d["nets"] = nets
-            d["projected"] = [
-                nets[c.controlnet_id].project(x) for c, x in zip(d["inputs"], d["conds"], strict=True)
-            ]
+            # a ControlNet being trained projects in the denoiser's forward (see ControlResidual.project)
+            d["trained"] = any(p.requires_grad for p in nets.parameters())
+            if not d["trained"]:
+                d["projected"] = [
+                    nets[c.controlnet_id].project(x) for c, x in zip(d["inputs"], d["conds"], strict=True)
+                ]
         p = int(pipe.size_multiple // pipe.components["vae"].scale_factor)
         n_target = inp.target_frames * (inp.latents.shape[-2] // p) * (inp.latents.shape[-1] // p)
         terms = []
         for k in ids:
-            c, cond = d["inputs"][k], d["projected"][k]
-            if cond.shape[1] != n_target:
+            c, cond = d["inputs"][k], d["conds" if d["trained"] else "projected"][k]
+            tokens = cond.shape[-2] * cond.shape[-1] // 4 if d["trained"] else cond.shape[1]
+            if tokens != n_target:
                 raise InvalidInputError(
-                    f"blockwise_controlnet_inputs[{k}] gives {cond.shape[1]} conditioning tokens for "
+                    f"blockwise_controlnet_inputs[{k}] gives {tokens} conditioning tokens for "
                     f"{n_target} target tokens; ControlNets work on single-frame targets"
                 )
             terms.append((d["nets"][c.controlnet_id], cond, float(c.scale)))
-        inp.block_hooks.append(ControlResidual(terms, n_target, ids))
+        inp.block_hooks.append(ControlResidual(terms, n_target, ids, project=d["trained"]))
 
     def velocity(self, pipe, state, step, velocity, latents) -> torch.Tensor:
         if step == len(state.sigmas) - 1:
@@ -183,6 +197,9 @@ def masked_image(image: Image.Image, mask: Image.Image) -> Image.Image:
     arr[m > 0] = 0
     return Image.fromarray(arr)
 
+
+# registers the training column adapter (blockwise_controlnet_image, … → blockwise_controlnet_inputs)
+from qi_plugins.blockwise_controlnet import training as _training  # noqa: E402, F401
 
 __all__ = [
     "BlockwiseControlNetInjector",

@@ -146,6 +146,12 @@ def infer_config(files: list[Path]) -> ControlNetConfig:
                 shapes[k] = tuple(fh.get_slice(k).get_shape())
     if "img_in.weight" not in shapes:
         some = ", ".join(sorted(shapes)[:3]) or "no tensors"
+        if any(k.startswith("pipe.blockwise_controlnet.") for k in shapes):
+            raise ModelLoadError(
+                f"{files[0]} was saved by ControlNet training with its module prefix ({some}); train with "
+                "--remove_prefix_in_ckpt pipe.blockwise_controlnet.models.0. (the seed's setting) to get "
+                "loadable ControlNet keys"
+            )
         raise ModelLoadError(
             f"{files[0]} is not a blockwise ControlNet: it has no 'img_in.weight' (found {some}); expected "
             "DiffSynth-Studio's Qwen-Image-Blockwise-ControlNet keys"

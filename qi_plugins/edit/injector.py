@@ -21,6 +21,7 @@ from PIL import Image
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
 from qi_core.protocols import ImageSegment, Injector
+from qi_plugins.edit.training import check_metadata_form, load_edit_image
 from qi_plugins.edit.vision import IMAGE_TOKEN
 
 EDIT_SYSTEM = (
@@ -81,7 +82,9 @@ class EditImage(Injector):
         "edit_image_auto_resize": True,  # resize each to ~1024² pixels, sides multiples of 32
         "edit_rope_interpolation": False,  # Lowres-Fix: edit positions sampled from the target grid
         "zero_cond_t": False,  # Edit-2511: edit tokens modulated with the t = 0 embedding
+        "edit_image_form": None,  # "single" / "list": the form training metadata must give (recipe default)
     }
+    file_loaders = {"edit_image": load_edit_image}  # qi train: the column's files, marked as metadata
 
     def validate(self, pipe, state) -> None:
         p = state.params
@@ -95,6 +98,7 @@ class EditImage(Injector):
         items = list(value) if multi else [value]
         if not items:
             raise InvalidInputError("edit_image is an empty list; pass one image, a list of images, or None")
+        check_metadata_form(value, p["edit_image_form"], pipe.name)
         for k in ("prompt", "negative_prompt"):
             if IMAGE_TOKEN in str(p[k]):
                 raise InvalidInputError(

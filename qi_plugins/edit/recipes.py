@@ -58,24 +58,26 @@ def recipes(with_lora: bool) -> list[Recipe]:
             "qwen-image-edit",
             "Qwen-Image-Edit: edit one image (edit_image) by instruction",
             "Qwen/Qwen-Image-Edit",
+            defaults={"edit_image_form": "single"},
         ),
         edit(
             "qwen-image-edit-2509",
             "Qwen-Image-Edit-2509: multi-image editing (edit_image=[...], 'Picture N:' prompt)",
             "Qwen/Qwen-Image-Edit-2509",
+            defaults={"edit_image_form": "list"},
         ),
         edit(
             "qwen-image-edit-2511",
             "Qwen-Image-Edit-2511: multi-image editing, reference tokens modulated at t = 0 (zero_cond_t)",
             "Qwen/Qwen-Image-Edit-2511",
-            defaults={"zero_cond_t": True},
+            defaults={"zero_cond_t": True, "edit_image_form": "list"},
         ),
         edit(
             "qwen-image-edit-lowres-fix",
             "Qwen-Image-Edit + Lowres-Fix LoRA: low-resolution edit images placed on the output RoPE grid"
             + ("" if with_lora else " (LoRA not applied: the lora plugin is not installed)"),
             "Qwen/Qwen-Image-Edit",
-            defaults={"edit_rope_interpolation": True},
+            defaults={"edit_rope_interpolation": True, "edit_image_form": "single"},
             adapters=(LOWRES_FIX_ADAPTER,) if with_lora else (),
             model_ids=(LOWRES_FIX_LORA,),  # the base weights are Qwen-Image-Edit's
         ),

@@ -19,6 +19,7 @@ from PIL import Image
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
 from qi_core.protocols import ImageSegment, Injector
+from qi_plugins.layered.training import load_rgba
 
 CONTEXT_INJECTOR = "context-image"  # the in-context plugin's injector; owns context_image when present
 
@@ -26,6 +27,8 @@ CONTEXT_INJECTOR = "context-image"  # the in-context plugin's injector; owns con
 class LayeredInjector(Injector):
     name = "layered"
     params = {"layer_num": None, "layer_input_image": None, "context_image": None}
+    # qi train: the target frames (composite, then layers) and the input keep their alpha channel
+    file_loaders = {"image": load_rgba, "layer_input_image": load_rgba}
 
     def validate(self, pipe, state) -> None:
         p = state.params
@@ -71,6 +74,13 @@ class LayeredInjector(Injector):
 
     def denoise_input(self, pipe, state, side, step, inp) -> None:
         d = state.data[self.name]
+        frames = state.params["layer_num"] + 1
+        if inp.target_frames != frames:  # training: the frames come from the row's image list
+            raise InvalidInputError(
+                f"layer_num={frames - 1} means {frames} target frames (the composite, then {frames - 1} layers), "
+                f"but the training row's image list has {inp.target_frames}; give the composite first, then "
+                "one file per layer, and set layer_num to the number of layers"
+            )
         if "context_latents" in d:
             inp.images.append(ImageSegment(d["context_latents"]))
         inp.images.append(ImageSegment(d["layer_input_latents"], frame=-1))

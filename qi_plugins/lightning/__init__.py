@@ -100,7 +100,12 @@ def qi_register_pipelines(register):
             scheduler="qwen-image-lightning",
             injectors=("input-image", "edit-image"),
             adapters=("lightning",),
-            defaults={"num_inference_steps": 4, "cfg_scale": 1.0, "zero_cond_t": True},
+            defaults={
+                "num_inference_steps": 4,
+                "cfg_scale": 1.0,
+                "zero_cond_t": True,
+                "edit_image_form": "list",
+            },
             model="Qwen/Qwen-Image-Edit-2511",
             model_ids=("lightx2v/Qwen-Image-Edit-2511-Lightning",),
         )

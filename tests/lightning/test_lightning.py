@@ -129,7 +129,12 @@ def test_recipes_are_registered_by_name():
     r = plugin_host.host().registry.get("pipeline", "qwen-image-edit-2511-lightning").load()
     assert r.scheduler == "qwen-image-lightning" and r.adapters == ("lightning",)
     assert r.injectors == ("input-image", "edit-image")
-    assert r.defaults == {"num_inference_steps": 4, "cfg_scale": 1.0, "zero_cond_t": True}
+    assert r.defaults == {
+        "num_inference_steps": 4,
+        "cfg_scale": 1.0,
+        "zero_cond_t": True,
+        "edit_image_form": "list",
+    }
     assert isinstance(r.components, BorrowedComponents) and r.components.recipe == "qwen-image-edit-2511"
 
 
