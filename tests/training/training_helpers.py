@@ -54,8 +54,10 @@ def write_metadata(folder: Path, rows: list[dict], kind: str = "csv") -> Path:
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+            w.writeheader()  # a list cell is written as a JSON list (the seed's 2509 metadata)
+            w.writerows(
+                [{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
+            )
     elif kind == "json":
         path.write_text(json.dumps(rows))
     else:
