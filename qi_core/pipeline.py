@@ -136,11 +136,12 @@ class Pipeline:
     def __call__(self, prompt: str | None = None, **kwargs: Any) -> Any:
         if prompt is not None:
             kwargs["prompt"] = prompt
-        state = self._state(kwargs)
+        state = self.new_state(kwargs)
         with torch.inference_mode():
             return self._run(state)
 
-    def _state(self, kwargs: dict[str, Any]) -> RunState:
+    def new_state(self, kwargs: dict[str, Any]) -> RunState:
+        """A run state for these call parameters: unknown names refused, defaults filled, sizes checked."""
         accepted = self.parameters()
         unknown = [k for k in kwargs if k not in accepted]
         if unknown:

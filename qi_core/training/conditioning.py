@@ -198,7 +198,7 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
     params.update({k: v for k, v in (overrides or {}).items() if k in accepted})
     try:
         params = adapt_columns(params, extra_inputs)  # plugin-registered column → call-parameter mappings
-        state = pipe._state(params)
+        state = pipe.new_state(params)
     except InvalidInputError as e:
         raise InvalidInputError(f"{where}: {e}") from None
     p = state.params
