@@ -271,7 +271,7 @@ class LayerStream(Resident):
         scales: dict[tuple[int, str], torch.Tensor] = {}
         for i, layer in enumerate(layers):
             if i < resident:
-                layer.to(self.device)
+                layer.to(self.device)  # resident layers stay in the compute dtype
             else:
                 scales.update({(i, k): v for k, v in self._store(layer).items()})
 
@@ -350,55 +350,7 @@ class Disk(LayerStream):
 
     def load(self, build: Callable[[], nn.Module], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
              what: str = "model") -> nn.Module | None:  # fmt: skip
-        from safetensors import safe_open
-
-        from qi_core.loading import check_state_dict
-
-        with torch.device("meta"):
-            module = build()
-        found = find_layers(module)
-        if found is None:
-            return None  # nothing to stream: the default loader reads it whole
-        prefix, layers = found
-        where: dict[str, Path] = {}
-        shapes: dict[str, Any] = {}
-        for f in files:
-            with safe_open(str(f), "pt") as sf:
-                for k in sf.keys():
-                    where[k] = Path(f)
-                    shapes[k] = _Shape(sf.get_slice(k).get_shape())
-        check_state_dict(module.state_dict(), shapes, what)
-        lp = prefix + "."
-        rest = [k for k in where if not k.startswith(lp)]
-        by_file: dict[Path, list[str]] = {}
-        for k in rest:
-            by_file.setdefault(where[k], []).append(k)
-        sd = {}
-        for f, keys in by_file.items():
-            with safe_open(str(f), "pt") as sf:
-                for k in keys:
-                    sd[k] = sf.get_tensor(k)
-        module.load_state_dict(sd, strict=False, assign=True)
-        target_dtype = dtype
-
-        def fetch(i: int) -> dict[str, torch.Tensor]:
-            head = f"{lp}{i}."
-            keys = [k for k in where if k.startswith(head)]
-            out = {}
-            for f in sorted({where[k] for k in keys}):
-                with safe_open(str(f), "pt") as sf:  # opened per layer: the mapping is dropped right after
-                    for k in keys:
-                        if where[k] == f:
-                            t = sf.get_tensor(k)
-                            out[k[len(head) :]] = t.to(target_dtype) if t.is_floating_point() else t
-            return out
-
-        module._qi_disk = (layers, fetch)
-        if dtype is not None:
-            for t in (*module.parameters(), *module.buffers()):
-                if not t.is_meta and t.is_floating_point():
-                    t.data = t.data.to(dtype)
-        return module.eval().requires_grad_(False)
+        return read_lazily(build, files, dtype, what)
 
     def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
         m = as_module(model)
@@ -410,6 +362,60 @@ class Disk(LayerStream):
         self._place_rest(m, layers)
         self.streamer = _Streamer(layers, self.device, dtype, 0, fetch, self.prefetch)
         return model
+
+
+def read_lazily(build: Callable[[], nn.Module], files: list[Path], dtype: Any, what: str) -> nn.Module | None:
+    """The module with everything but its repeated layers read from ``files``; ``module._qi_disk`` holds
+    (layers, fetch) where ``fetch(i)`` reads layer i (file opened per layer). None: nothing repeated."""
+    from safetensors import safe_open
+
+    from qi_core.loading import check_state_dict
+
+    with torch.device("meta"):
+        module = build()
+    found = find_layers(module)
+    if found is None:
+        return None  # nothing to stream: the default loader reads it whole
+    prefix, layers = found
+    where: dict[str, Path] = {}
+    shapes: dict[str, Any] = {}
+    for f in files:
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                where[k] = Path(f)
+                shapes[k] = _Shape(sf.get_slice(k).get_shape())
+    check_state_dict(module.state_dict(), shapes, what)
+    lp = prefix + "."
+    rest = [k for k in where if not k.startswith(lp)]
+    by_file: dict[Path, list[str]] = {}
+    for k in rest:
+        by_file.setdefault(where[k], []).append(k)
+    sd = {}
+    for f, keys in by_file.items():
+        with safe_open(str(f), "pt") as sf:
+            for k in keys:
+                sd[k] = sf.get_tensor(k)
+    module.load_state_dict(sd, strict=False, assign=True)
+    target_dtype = dtype
+
+    def fetch(i: int) -> dict[str, torch.Tensor]:
+        head = f"{lp}{i}."
+        keys = [k for k in where if k.startswith(head)]
+        out = {}
+        for f in sorted({where[k] for k in keys}):
+            with safe_open(str(f), "pt") as sf:  # opened per layer: the mapping is dropped right after
+                for k in keys:
+                    if where[k] == f:
+                        t = sf.get_tensor(k)
+                        out[k[len(head) :]] = t.to(target_dtype) if t.is_floating_point() else t
+        return out
+
+    module._qi_disk = (layers, fetch)
+    if dtype is not None:
+        for t in (*module.parameters(), *module.buffers()):
+            if not t.is_meta and t.is_floating_point():
+                t.data = t.data.to(dtype)
+    return module.eval().requires_grad_(False)
 
 
 class _Shape:
