@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from qi_core.atomic import atomic_file
 from qi_core.errors import QiError
 
 
@@ -63,15 +62,8 @@ def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
     for k, v in meta.items():
         info.add_text(f"qi:{k}", str(v))
     info.add_text("parameters", json.dumps(meta, ensure_ascii=False))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _generate(args: argparse.Namespace) -> int:

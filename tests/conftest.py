@@ -21,6 +21,16 @@ def golden_case(name: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
     return case, tensors, folder
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("single_thread")``): tiny
+    tensors gain nothing from more, and a second thread stalls on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

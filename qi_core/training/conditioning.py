@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qi_core.atomic import atomic_file
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_core.images import image_to_tensor
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
@@ -153,15 +153,8 @@ def cache_signature(path: str | os.PathLike) -> tuple:
 
 def atomic_write(path: Path, write: Any) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        write(str(tmp))
     return path
 
 

@@ -269,22 +269,14 @@ def save_lora(
     lora: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write a LoRA state dict as safetensors, atomically (temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
     from safetensors.torch import save_file
 
+    from qi_core.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in lora.items()}
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
     return path
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from qi_core.errors import InvalidInputError
+from qi_core.atomic import atomic_folder
 from qi_plugins.layered.dit import LayeredDiT
 from qi_plugins.qwen_image.tiny import TINY_DIT, _config_json, _save, make_tiny_model, tiny_dit
 
@@ -23,11 +21,7 @@ from qi_plugins.qwen_image.tiny import TINY_DIT, _config_json, _save, make_tiny_
 def make_tiny_layered_model(out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the tiny layered model to ``out_dir`` (built next to it, then renamed into place)."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise InvalidInputError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         config = replace(TINY_DIT, use_additional_t_cond=True, use_layer3d_rope=True)
         make_tiny_model(tmp, seed=seed, overwrite=True, image_channels=4, dit_config=config)
         dit = LayeredDiT(config)
@@ -40,10 +34,4 @@ def make_tiny_layered_model(out_dir: str | os.PathLike, *, seed: int = 0, overwr
         index = json.loads((tmp / "model_index.json").read_text())
         index["_class_name"] = "QwenImageLayeredPipeline"
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

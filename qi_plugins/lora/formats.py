@@ -18,12 +18,12 @@ No torch import at module level: ``qi lora --help`` and plugin listing stay chea
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qi_core.atomic import atomic_file
 from qi_core.errors import InvalidInputError, MissingComponentError, ModelLoadError, WeightMismatchError
 
 if TYPE_CHECKING:
@@ -270,15 +270,8 @@ def save_file_atomic(tensors: dict[str, torch.Tensor], out_path: str | os.PathLi
     path = Path(os.fspath(out_path)).expanduser()
     if path.suffix != ".safetensors":
         raise InvalidInputError(f"output {path.name!r} must end in .safetensors (qi writes safetensors only)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return path
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from qi_core.atomic import atomic_folder
 from qi_core.errors import InvalidInputError
 from qi_plugins.qwen_image.dit import DiTConfig, QwenImageDiT
 from qi_plugins.qwen_image.tiny_text import build_processor, build_text_encoder, build_tokenizer
@@ -110,12 +109,7 @@ def make_tiny_model(
 ) -> Path:
     """Write the tiny model to ``out_dir`` (built in a temporary sibling folder, then renamed into place)."""
     out = Path(out_dir)
-    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if occupied and not overwrite:
-        raise InvalidInputError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out, overwrite) as tmp:
         build_tokenizer(tmp / "tokenizer")
         build_processor(tmp / "processor", tmp / "tokenizer")
         build_text_encoder(tmp / "text_encoder", tmp / "tokenizer", seed=seed)
@@ -130,10 +124,4 @@ def make_tiny_model(
             json.dumps(SCHEDULER_CONFIG, indent=2) + "\n"
         )
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
