@@ -170,6 +170,20 @@ class TrainingTask(Protocol):
     def loss(self, pipe: Pipeline, batch: dict[str, Any], generator: Any) -> torch.Tensor: ...
 
 
+def component_module(component: Any) -> Any:
+    """The ``torch.nn.Module`` behind a pipeline component (wrappers such as the text encoder keep theirs in
+    ``.model`` or ``.module``), or None."""
+    from torch import nn
+
+    if isinstance(component, nn.Module):
+        return component
+    for attr in ("module", "model"):
+        inner = getattr(component, attr, None)
+        if isinstance(inner, nn.Module):
+            return inner
+    return None
+
+
 def iter_methods(obj: object, names: Sequence[str]) -> Iterator[str]:
     """Names in ``names`` that ``obj`` overrides from :class:`Injector`."""
     for n in names:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qi_core.errors import InvalidInputError, WeightMismatchError
+from qi_core.protocols import component_module
 from qi_core.training.args import TrainArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,13 +31,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def as_module(component: Any, role: str = "component") -> nn.Module:
     """The ``nn.Module`` behind a pipeline component (wrappers keep theirs in ``.model`` or ``.module``)."""
-    if isinstance(component, nn.Module):
-        return component
-    for attr in ("module", "model"):
-        inner = getattr(component, attr, None)
-        if isinstance(inner, nn.Module):
-            return inner
-    raise InvalidInputError(f"component {role!r} ({type(component).__name__}) is not a torch module")
+    module = component_module(component)
+    if module is None:
+        raise InvalidInputError(f"component {role!r} ({type(component).__name__}) is not a torch module")
+    return module
 
 
 # -- where the weights come from ---------------------------------------------------------------------------------

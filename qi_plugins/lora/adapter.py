@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
-from qi_core.protocols import Adapter
+from qi_core.protocols import Adapter, component_module
 from qi_plugins.lora.formats import LoRAWeight, flatten_name, read_lora
 
 _ids = itertools.count()
@@ -101,12 +101,9 @@ class _Fused:
 
 def torch_module(component: Any, role: str) -> nn.Module:
     """The ``nn.Module`` behind a pipeline component (memory policies may wrap it)."""
-    if isinstance(component, nn.Module):
-        return component
-    for attr in ("module", "model"):
-        inner = getattr(component, attr, None)
-        if isinstance(inner, nn.Module):
-            return inner
+    module = component_module(component)
+    if module is not None:
+        return module
     raise InvalidInputError(
         f"component {role!r} is a {type(component).__name__}, not a torch module; a LoRA targets torch models"
     )

@@ -26,16 +26,14 @@ import torch
 from torch import nn
 
 from qi_core.errors import InvalidInputError
+from qi_core.protocols import component_module
 
 GiB = 1024**3
 
 
 def as_module(model: Any) -> nn.Module | None:
     """The nn.Module behind a component (wrappers such as the text encoder keep theirs in ``.model``)."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) else None
+    return component_module(model)
 
 
 def find_layers(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
