@@ -9,6 +9,7 @@ the VAE decode and the whole pipeline (text encoding + loop + decode). Float32 o
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -99,6 +100,7 @@ def main() -> None:
         fn()
     print(f"model: {args.blocks} blocks x width {args.width}, VAE base {args.vae_base}, {args.size}x{args.size}, "
           f"{args.steps} steps, CFG on, {dtype}, {args.device}, {torch.get_num_threads()} threads")  # fmt: skip
+    medians: dict[str, tuple[float, float]] = {}
     print(f"{'measurement':<16} {'qi (s)':>9} {'diffusers (s)':>14} {'ratio':>7}")
     for name, (a, b) in pairs.items():
         ta, tb = [], []
@@ -107,6 +109,40 @@ def main() -> None:
             tb.append(timed(b))
         ma, mb = statistics.median(ta), statistics.median(tb)
         print(f"{name:<16} {ma:>9.3f} {mb:>14.3f} {ma / mb:>7.2f}")
+        medians[name] = (ma, mb)
+    if args.device == "cpu":
+        roofline(ref_loop, *medians["denoising loop"])
+
+
+def gemm_peak() -> float:
+    """FLOP/s of the fastest float32 GEMM this torch has here (a large square product, best of 5)."""
+    from qi_core import kernels
+
+    n = 2048
+    a, w = torch.randn(n, n), torch.randn(n, n)
+    gemm = (lambda: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")) if kernels.enabled() else (
+        lambda: a @ w)  # fmt: skip
+    gemm()
+    return max(2 * n**3 / timed(gemm) for _ in range(5))
+
+
+def roofline(ref_loop, ours: float, theirs: float) -> None:
+    """How close both loops are to the machine: the loop's FLOPs (counted on the reference) at GEMM peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:  # QKᵀ and PV; CPU flash is unlisted
+        *batch, sq, d = q
+        return 4 * math.prod(batch) * sq * k[-2] * d
+
+    cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={cpu_flash: attention_flops})
+    with counter:
+        ref_loop()
+    flops, peak = counter.get_total_flops(), gemm_peak()
+    floor = flops / peak
+    print(f"loop work {flops / 1e9:.0f} GFLOP; float32 GEMM peak here {peak / 1e9:.0f} GFLOP/s -> "
+          f"{floor:.3f} s at peak = {floor / theirs:.2f} x diffusers (the lowest ratio at the same maths); "
+          f"qi runs at {flops / ours / 1e9:.0f} GFLOP/s, diffusers at {flops / theirs / 1e9:.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

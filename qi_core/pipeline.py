@@ -254,8 +254,9 @@ class Pipeline:
                     self.memory["dit"].skip_parameters(set())
 
     def _fill_step_cache(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> None:
-        """When the memory policy streams the denoiser's layers and the denoiser can precompute per-timestep
-        state (``fill_step_cache``), do it once per call; the weights only that state needs then stay put."""
+        """When the memory policy asks for it (``wants_step_cache``) and the denoiser can precompute its
+        per-timestep state (``fill_step_cache``), do it once per call; the weights only that state needs then
+        stay put."""
         policy = (self.memory or {}).get("dit")
         if getattr(policy, "wants_step_cache", False) and hasattr(dit, "fill_step_cache"):
             dit.fill_step_cache(inputs, timesteps.to(self.device, self.dtype))

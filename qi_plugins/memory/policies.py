@@ -82,7 +82,7 @@ class Resident:
     """``none``: all weights on the compute device; a use costs nothing."""
 
     name = "none"
-    wants_step_cache = False
+    wants_step_cache = True  # the per-timestep modulation of all steps in one pass per block: fewer weight reads
 
     def __init__(self, role: str | None = None, **settings: Any):
         self.role, self.settings = role, settings
@@ -96,6 +96,9 @@ class Resident:
     @contextmanager
     def use(self, model: Any) -> Iterator[Any]:
         yield model
+
+    def skip_parameters(self, names: set[str]) -> None:
+        """Resident weights never move, so there is nothing to skip."""
 
 
 class ComponentOffload(Resident):
@@ -246,7 +249,6 @@ class LayerStream(Resident):
     """``stream``: repeated layers live on the offload device and are moved in per forward."""
 
     name = "stream"
-    wants_step_cache = True
 
     def __init__(self, role: str | None = None, vram_limit: Any = None, offload_device: Any = "cpu",
                  offload_dtype: Any = None, prefetch: bool = True, pin_memory: bool = True, **settings):  # fmt: skip

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from qi_core import kernels
 from qi_core.errors import InvalidInputError
 from qi_core.protocols import DenoiseInput, ImageSegment
 
@@ -67,6 +68,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # fused kernel, same arithmetic
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         var = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(var + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
@@ -117,25 +120,24 @@ class Attention(nn.Module):
         self.to_add_out = nn.Linear(dim, dim)
 
     def forward(self, img, txt, rope_img, rope_txt, mask):
-        heads = lambda x: rearrange(x, "B S (H D) -> B S H D", D=self.head_dim)  # noqa: E731
-        q = torch.cat([rope(self.norm_added_q(heads(self.add_q_proj(txt))), rope_txt),
-                       rope(self.norm_q(heads(self.to_q(img))), rope_img)], dim=1)  # fmt: skip
-        k = torch.cat([rope(self.norm_added_k(heads(self.add_k_proj(txt))), rope_txt),
-                       rope(self.norm_k(heads(self.to_k(img))), rope_img)], dim=1)  # fmt: skip
-        v = torch.cat([heads(self.add_v_proj(txt)), heads(self.to_v(img))], dim=1)
+        heads = lambda lin, x: rearrange(kernels.linear(lin, x), "B S (H D) -> B S H D", D=self.head_dim)  # noqa: E731
+        q = torch.cat([rope(self.norm_added_q(heads(self.add_q_proj, txt)), rope_txt),
+                       rope(self.norm_q(heads(self.to_q, img)), rope_img)], dim=1)  # fmt: skip
+        k = torch.cat([rope(self.norm_added_k(heads(self.add_k_proj, txt)), rope_txt),
+                       rope(self.norm_k(heads(self.to_k, img)), rope_img)], dim=1)  # fmt: skip
+        v = torch.cat([heads(self.add_v_proj, txt), heads(self.to_v, img)], dim=1)
         q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
         L = txt.shape[1]
-        return self.to_out[0](out[:, L:].contiguous()), self.to_add_out(out[:, :L].contiguous())
+        return kernels.linear(self.to_out[0], out[:, L:].contiguous()), kernels.linear(self.to_add_out, out[:, :L].contiguous())
 
 
-def rope(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` (B, S, H, D) by angles with cos/sin (S, D/2), in float32."""
-    cos, sin = cs[0][:, None], cs[1][:, None]
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
-    return out.type_as(x)
+def rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of ``x`` (B, S, H, D) by the unit complex numbers ``rot`` = cos + i·sin (S, D/2):
+    (xr·cos − xi·sin, xr·sin + xi·cos) in float32, as one complex multiply."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rot[:, None]).flatten(-2).type_as(x)
 
 
 class FeedForward(nn.Module):
@@ -146,7 +148,7 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return kernels.linear(self.net[2], kernels.linear(self.net[0].proj, x, "gelu-tanh"))
 
 
 class _Proj(nn.Module):
@@ -181,13 +183,24 @@ class Block(nn.Module):
         """adaLN parameters from the timestep embeddings (K, B, dim): image (K, B, 6·dim), text (B, 6·dim)."""
         return _mod_linear(self.img_mod, temb), _mod_linear(self.txt_mod, temb[0])
 
+    def modulation_many(self, tembs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``modulation`` of several (K, B, dim) embeddings as one GEMM per stream (the weights are read once)."""
+        img_all = _mod_linear(self.img_mod, torch.cat([t.reshape(-1, t.shape[-1]) for t in tembs]))
+        txt_all = _mod_linear(self.txt_mod, torch.cat([t[0] for t in tembs]))
+        out, i, j = [], 0, 0
+        for t in tembs:
+            K, B, _ = t.shape
+            out.append((img_all[i : i + K * B].view(K, B, -1), txt_all[j : j + B]))
+            i, j = i + K * B, j + B
+        return out
+
     def forward(self, img, *args):
         """One input's tensors, or a list of argument tuples (several independent inputs in one call, so
         memory policies hooked on this block move its weights once)."""
         if isinstance(img, list):
             return [self.one(*a) for a in img]
         if isinstance(img, ModulationRequest):
-            return [self.modulation(t) for t in img.tembs]
+            return self.modulation_many(img.tembs)
         return self.one(img, *args)
 
     def one(self, img, txt, temb, rope_img, rope_txt, mask, mod_index, mods=None):
@@ -199,17 +212,18 @@ class Block(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _select(img_mod, mod_index)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = txt_mod[:, None].chunk(6, dim=-1)
 
+        # x·(1 + scale) + shift and x + gate·y as single fused multiply-adds
         img_a, txt_a = self.attn(
-            self.img_norm1(img) * (1 + img_scale1) + img_shift1,
-            self.txt_norm1(txt) * (1 + t_scale1) + t_shift1,
+            torch.addcmul(img_shift1, self.img_norm1(img), 1 + img_scale1),
+            torch.addcmul(t_shift1, self.txt_norm1(txt), 1 + t_scale1),
             rope_img,
             rope_txt,
             mask,
         )
-        img = img + img_gate1 * img_a
-        txt = txt + t_gate1 * txt_a
-        img = img + img_gate2 * self.img_mlp(self.img_norm2(img) * (1 + img_scale2) + img_shift2)
-        txt = txt + t_gate2 * self.txt_mlp(self.txt_norm2(txt) * (1 + t_scale2) + t_shift2)
+        img = torch.addcmul(img, img_gate1, img_a)
+        txt = torch.addcmul(txt, t_gate1, txt_a)
+        img = torch.addcmul(img, img_gate2, self.img_mlp(torch.addcmul(img_shift2, self.img_norm2(img), 1 + img_scale2)))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(torch.addcmul(t_shift2, self.txt_norm2(txt), 1 + t_scale2)))
         if img.dtype == torch.float16:  # keep fp16 activations finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt
@@ -327,8 +341,8 @@ class QwenImageDiT(nn.Module):
             self.text_angles(m if s.rope_offset is None else s.rope_offset, s.emb.shape[1]) for s in inp.text
         ]
         dev = inp.latents.device
-        cs = lambda a: (torch.cos(a).to(dev), torch.sin(a).to(dev))  # noqa: E731
-        return cs(img), cs(torch.cat(txt, dim=0))
+        rot = lambda a: torch.complex(torch.cos(a), torch.sin(a)).to(dev)  # noqa: E731
+        return rot(img), rot(torch.cat(txt, dim=0))
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, inp: DenoiseInput) -> torch.Tensor:

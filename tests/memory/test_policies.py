@@ -40,13 +40,14 @@ def test_batched_cfg_equals_separate_passes(baseline):
     calls = []
     block = pipe.components["dit"].transformer_blocks[0]
     hook = block.register_forward_pre_hook(
-        lambda m, a: calls.append(len(a[0]) if isinstance(a[0], list) else 1)
+        lambda m, a: calls.append(len(a[0]) if isinstance(a[0], list) else type(a[0]).__name__)
     )
     try:
         out = pipe(**NON_SQUARE)
     finally:
         hook.remove()
-    assert calls == [2, 2, 2]  # each block is entered once per step, for both CFG sides
+    # the modulation of all steps once per call, then each block once per step for both CFG sides
+    assert calls == ["ModulationRequest", 2, 2, 2]
     assert abs(out - baseline["non_square"]).max() <= 1e-6
     # golden values still hold on the batched path
     assert abs(torch.from_numpy(pipe(**T2I)) - WANT["image_float"][0].permute(1, 2, 0)).max() <= 1e-4

@@ -1,0 +1,90 @@
+"""qi_core.kernels: the oneDNN linear path equals F.linear (to float32 rounding) and steps aside where it must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qi_core import kernels
+
+needs_onednn = pytest.mark.skipif(not kernels.enabled(), reason="oneDNN linear not available in this torch build")
+
+
+def _layer(k=96, n=160, bias=True):
+    lin = nn.Linear(k, n, bias=bias)
+    nn.init.normal_(lin.weight, std=k**-0.5)
+    return lin
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu-tanh", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_path_matches_eager(activation, bias):
+    lin, x = _layer(bias=bias), torch.randn(2, 37, 96)
+    with torch.no_grad():
+        assert kernels.fast_path(lin, x)
+        got = kernels.linear(lin, x, activation)
+        with kernels.disabled():
+            assert not kernels.fast_path(lin, x)
+            want = kernels.linear(lin, x, activation)
+    assert got.shape == want.shape == (2, 37, 160)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+@needs_onednn
+def test_fast_path_takes_strided_inputs():
+    lin, x = _layer(), torch.randn(37, 2, 96).transpose(0, 1)
+    with torch.no_grad():
+        assert (kernels.linear(lin, x) - F.linear(x, lin.weight, lin.bias)).abs().max().item() <= 1e-5
+
+
+def test_falls_back_where_it_must():
+    lin, x = _layer(), torch.randn(4, 96)
+    assert not kernels.fast_path(lin, x), "autograd on: the oneDNN op has no backward"
+    with torch.no_grad():
+        assert not kernels.fast_path(lin.to(torch.bfloat16), x.bfloat16())
+        lin.float()
+
+        class Sub(nn.Linear):
+            pass
+
+        assert not kernels.fast_path(Sub(96, 160), x)
+        handle = lin.register_forward_hook(lambda m, a, out: out + 1.0)
+        try:
+            assert not kernels.fast_path(lin, x)
+            assert torch.equal(kernels.linear(lin, x), F.linear(x, lin.weight, lin.bias) + 1.0), "hooks must run"
+        finally:
+            handle.remove()
+
+
+def test_training_gradients_flow_through_linear():
+    lin, x = _layer(), torch.randn(3, 96, requires_grad=True)
+    kernels.linear(lin, x, "gelu-tanh").sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="gelu-tanh"):
+        kernels.linear(_layer(), torch.randn(2, 96), "relu6")
+
+
+@needs_onednn
+def test_dit_output_with_and_without_fast_kernels(tiny_model):
+    """The whole DiT through the fast kernels stays within float32 rounding of the plain torch kernels."""
+    from qi_core.protocols import DenoiseInput, TextSegment
+    from qi_plugins.qwen_image.loading import load_dit
+
+    dit = load_dit(tiny_model / "transformer").eval()
+    g = torch.Generator().manual_seed(3)
+    inp = DenoiseInput(
+        latents=torch.randn(1, 16, 6, 10, generator=g),
+        timestep=torch.tensor([500.0]),
+        text=[TextSegment(torch.randn(1, 7, dit.config.joint_attention_dim, generator=g), None)],
+    )
+    with torch.no_grad():
+        fast = dit(inp)
+        with kernels.disabled():
+            plain = dit(inp)
+    assert (fast - plain).abs().max().item() <= 1e-5
