@@ -60,7 +60,12 @@ def _eager(x: torch.Tensor, activation: str | None) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if activation == "gelu":
         return F.gelu(x)
-    raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(k for k in _ACTIVATIONS if k)}")
+    raise _unknown(activation)
+
+
+def _unknown(activation: str | None) -> ValueError:
+    names = sorted(k for k in _ACTIVATIONS if k)
+    return ValueError(f"unknown activation {activation!r}; expected None or one of {names}")
 
 
 def fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -68,7 +73,7 @@ def fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
     if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
         return False
     w = layer.weight
-    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or w.device.type != "cpu":
+    if (x.device.type, x.dtype, w.device.type, w.dtype) != ("cpu", torch.float32, "cpu", torch.float32):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return False
@@ -82,7 +87,7 @@ def fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
 def linear(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """``activation(layer(x))``; ``activation`` is None, ``"gelu-tanh"`` or ``"gelu"``."""
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(k for k in _ACTIVATIONS if k)}")
+        raise _unknown(activation)
     if not fast_path(layer, x):
         return _eager(layer(x), activation)
     attr, algorithm = _ACTIVATIONS[activation]

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,63 @@ def read_state_dict(files: list[Path], device: str = "cpu") -> dict[str, Any]:
     for f in files:
         sd.update(load_file(str(f), device=device))
     return sd
+
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file."""
+
+    file: Path
+    dtype: Any  # torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of its data
+    nbytes: int
+
+
+def safetensors_index(file: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors file, from its header alone (nothing mapped, no data read)."""
+    import torch
+
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(fh.read(size)) if 0 < size < 1 << 30 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file}: not a safetensors file (unreadable header)")
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if v.get("dtype") not in _ST_DTYPES:
+            raise ModelLoadError(f"{file}: tensor {k} has unsupported dtype {v.get('dtype')!r}")
+        b, e = v["data_offsets"]
+        out[k] = StoredTensor(Path(file), getattr(torch, _ST_DTYPES[v["dtype"]]), tuple(v["shape"]), 8 + size + b,
+                              e - b)  # fmt: skip
+    return out
+
+
+def read_tensor(fh: Any, entry: StoredTensor) -> Any:
+    """One tensor read from the open file ``fh`` into fresh memory with plain reads: no mapping of the file,
+    so only the tensor itself counts towards the process's memory."""
+    import torch
+
+    t = torch.empty(entry.shape, dtype=entry.dtype)
+    if entry.nbytes:
+        fh.seek(entry.start)
+        view = t.view(-1).view(torch.uint8).numpy()
+        if fh.readinto(view) != entry.nbytes:
+            raise ModelLoadError(f"{entry.file}: truncated tensor data at byte {entry.start}")
+    return t
 
 
 def check_state_dict(expected: Mapping[str, Any], found: Mapping[str, Any], what: str,

@@ -15,6 +15,7 @@ modulation weights (a third of the DiT) are never moved during denoising.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from qi_core.errors import InvalidInputError
+from qi_core.loading import StoredTensor
 from qi_core.protocols import component_module
 
 GiB = 1024**3
@@ -82,7 +84,8 @@ class Resident:
     """``none``: all weights on the compute device; a use costs nothing."""
 
     name = "none"
-    wants_step_cache = True  # the per-timestep modulation of all steps in one pass per block: fewer weight reads
+    # the modulation of every step once for both CFG sides, whatever the placement
+    wants_step_cache = True
 
     def __init__(self, role: str | None = None, **settings: Any):
         self.role, self.settings = role, settings
@@ -172,7 +175,10 @@ class _Streamer:
                 dt = self.dtype if t.is_floating_point() else t.dtype
                 x = t.to(self.device, non_blocking=True).to(dt)
                 scale = self.scales.get((i, k))
-                out[k] = x if scale is None else x * scale.to(self.device, dt, non_blocking=True)
+                if scale is not None:
+                    s = scale.to(self.device, dt, non_blocking=True)
+                    x = x.mul_(s) if x is not t else x * s  # in place, never on the stored tensor itself
+                out[k] = x
             event = torch.cuda.Event() if self.stream is not None else None
             if event is not None:
                 event.record(self.stream)
@@ -266,19 +272,23 @@ class LayerStream(Resident):
         if found is None:  # nothing repeated to stream: keep the whole component resident
             return super().attach(model, device=device, dtype=dtype)
         name, layers = found
-        self._place_rest(m, layers)
         resident = self._resident_count(m, layers)
         scales: dict[tuple[int, str], torch.Tensor] = {}
-        for i, layer in enumerate(layers):
-            if i < resident:
-                layer.to(self.device)  # resident layers stay in the compute dtype
-            else:
-                scales.update({(i, k): v for k, v in self._store(layer).items()})
+        for i in range(resident, len(layers)):
+            scales.update({(i, k): v for k, v in self._store(layers[i]).items()})
+        return self._stream(model, layers, resident, scales)
+
+    def _stream(self, model: Any, layers: nn.ModuleList, resident: int, scales: dict) -> Any:
+        """Everything but the streamed layers to the compute device (resident layers in the compute dtype),
+        and the hooks that bring each streamed layer in around its forward."""
+        self._place_rest(as_module(model), layers)
+        for layer in layers[:resident]:
+            layer.to(self.device)
 
         def fetch(i: int) -> dict[str, torch.Tensor]:
             return {k: v.data for k, v in (*layers[i].named_parameters(), *layers[i].named_buffers())}
 
-        self.streamer = _Streamer(layers, self.device, dtype, resident, fetch, self.prefetch)
+        self.streamer = _Streamer(layers, self.device, self.dtype, resident, fetch, self.prefetch)
         self.streamer.scales = scales
         return model
 
@@ -301,23 +311,39 @@ class LayerStream(Resident):
             k += 1
         return k
 
+    @property
+    def _eight_bit(self) -> bool:
+        return self.storage_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+    @property
+    def _pinned(self) -> bool:
+        return self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu"
+
     def _store(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """Move a layer to the offload device in the storage dtype; return the per-row scales of weights
         stored in 8 bits (without a scale, small weights would fall into float8's subnormal range)."""
         scales = {}
         for name, t in (*layer.named_parameters(), *layer.named_buffers()):
-            data = t.data.to(self.offload_device)
-            fp8 = self.storage_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-            if fp8 and data.is_floating_point() and data.ndim >= 2:
-                amax = data.float().abs().amax(dim=tuple(range(1, data.ndim)), keepdim=True)
-                scale = (amax / torch.finfo(self.storage_dtype).max).clamp_min(1e-12)
-                data, scales[name] = (data.float() / scale).to(self.storage_dtype), scale
-            elif self.storage_dtype is not None and data.is_floating_point() and not fp8:
-                data = data.to(self.storage_dtype)
-            if self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu":
-                data = data.pin_memory()
+            if self._eight_bit and t.is_floating_point() and t.ndim >= 2:
+                out = torch.empty(t.shape, dtype=self.storage_dtype, device=self.offload_device,
+                                  pin_memory=self._pinned)  # fmt: skip
+                scales[name] = quantise_rows(t.data, out)
+                data = out
+            else:
+                data = self._offloaded(t.data)
             t.data = data
         return scales
+
+    def _full_width_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """Storage dtype of a tensor kept at full width: the storage dtype unless that is 8-bit."""
+        if self.storage_dtype is not None and dtype.is_floating_point and not self._eight_bit:
+            return self.storage_dtype
+        return dtype
+
+    def _offloaded(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor kept at full width, on the offload device."""
+        t = t.to(self.offload_device, self._full_width_dtype(t.dtype))
+        return t.pin_memory() if self._pinned else t
 
     @contextmanager
     def use(self, model: Any) -> Iterator[Any]:
@@ -333,14 +359,91 @@ class LayerStream(Resident):
             self.streamer.skip = set(names)
 
 
+def _arena(specs: dict[Any, tuple[tuple[int, ...], torch.dtype]], device: torch.device, pin: bool) -> dict:
+    """Views of one allocation per dtype, one view per spec (shape, dtype)."""
+    totals: dict[torch.dtype, int] = {}
+    for shape, dtype in specs.values():
+        totals[dtype] = totals.get(dtype, 0) + math.prod(shape)
+    buffers = {d: torch.empty(n, dtype=d, device=device, pin_memory=pin) for d, n in totals.items()}
+    at = dict.fromkeys(totals, 0)
+    views = {}
+    for key, (shape, dtype) in specs.items():
+        n = math.prod(shape)
+        views[key] = buffers[dtype][at[dtype] : at[dtype] + n].view(shape)
+        at[dtype] += n
+    return views
+
+
+def quantise_rows(data: torch.Tensor, out: torch.Tensor, rows: int = 256, scale: torch.Tensor | None = None
+                  ) -> torch.Tensor:  # fmt: skip
+    """Write ``data`` / scale into the 8-bit tensor ``out`` and return the per-row scale (amax / format max,
+    written into ``scale`` when given), a few rows at a time so the float32 temporaries stay small."""
+    if scale is None:
+        scale = torch.empty((data.shape[0],) + (1,) * (data.ndim - 1), dtype=torch.float32, device=out.device)
+    top = torch.finfo(out.dtype).max
+    for r in range(0, data.shape[0], rows):
+        chunk = data[r : r + rows].to(out.device).float()
+        amax = chunk.abs().amax(dim=tuple(range(1, data.ndim)), keepdim=True)
+        s = (amax / top).clamp_min(1e-12)
+        scale[r : r + rows] = s
+        out[r : r + rows] = (chunk / s).to(out.dtype)
+    return scale
+
+
 class FP8Storage(LayerStream):
-    """``fp8``: layers stored as float8_e4m3fn, cast to the compute dtype per forward."""
+    """``fp8``: layers stored as float8_e4m3fn, cast to the compute dtype per forward. Loaded through the
+    policy, the weights are quantised while they are read, one tensor at a time, into one 8-bit buffer
+    allocated up front: the float model is never in memory."""
 
     name = "fp8"
 
     def __init__(self, role: str | None = None, **settings: Any):
         settings.setdefault("offload_dtype", torch.float8_e4m3fn)
         super().__init__(role, **settings)
+
+    def load(self, build: Callable[[], nn.Module], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
+             what: str = "model") -> nn.Module | None:  # fmt: skip
+        m = read_lazily(build, files, dtype, what)
+        if m is None:
+            return None
+        lazy: LazyLayers = m.__dict__.pop("_qi_disk")
+        layers = lazy.layers
+        self.device = torch.device(device)
+        if dtype is not None:
+            layers.to(dtype)  # still on meta: sizes for the resident budget
+        resident = self._resident_count(m, layers)
+        # every tensor the streamed layers keep (8-bit weights, their scales, full-width small tensors) gets
+        # its place before any weight is read: the float temporaries freed in between then leave no holes
+        specs: dict[tuple[int, str], tuple[tuple[int, ...], torch.dtype]] = {}
+        for i in range(resident, len(layers)):
+            for n, p in (*layers[i].named_parameters(), *layers[i].named_buffers()):
+                if self._eight_bit and p.is_floating_point() and p.ndim >= 2:
+                    specs[(i, n)] = tuple(p.shape), self.storage_dtype
+                    specs[(i, n + "#scale")] = (p.shape[0],) + (1,) * (p.ndim - 1), torch.float32
+                else:
+                    specs[(i, n)] = tuple(p.shape), self._full_width_dtype(p.dtype)
+        place = _arena(specs, self.offload_device, self._pinned)
+        scales: dict[tuple[int, str], torch.Tensor] = {}
+        for i in range(len(layers)):
+            for name, t in lazy.tensors(i, mapped=False):
+                if i < resident:
+                    t = t.to(self.device)
+                elif (i, name + "#scale") in place:
+                    scales[(i, name)] = quantise_rows(t, place[(i, name)], scale=place[(i, name + "#scale")])
+                    t = place[(i, name)]
+                else:
+                    t = place[(i, name)].copy_(t)
+                _swap(layers[i], name, t)
+        m._qi_fp8 = (resident, scales)
+        return m
+
+    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+        m = as_module(model)
+        loaded = m.__dict__.pop("_qi_fp8", None) if m is not None else None
+        if loaded is None:  # loaded in full by the default loader: quantise now
+            return super().attach(model, device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        return self._stream(model, find_layers(m)[1], *loaded)
 
 
 class Disk(LayerStream):
@@ -354,22 +457,19 @@ class Disk(LayerStream):
 
     def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
         m = as_module(model)
-        disk = getattr(m, "_qi_disk", None) if m is not None else None
-        if disk is None:
+        lazy = getattr(m, "_qi_disk", None) if m is not None else None
+        if lazy is None:
             return super().attach(model, device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
-        layers, fetch = disk
-        self._place_rest(m, layers)
-        self.streamer = _Streamer(layers, self.device, dtype, 0, fetch, self.prefetch)
+        self._place_rest(m, lazy.layers)
+        self.streamer = _Streamer(lazy.layers, self.device, dtype, 0, lazy.fetch, self.prefetch)
         return model
 
 
 def read_lazily(build: Callable[[], nn.Module], files: list[Path], dtype: Any, what: str) -> nn.Module | None:
-    """The module with everything but its repeated layers read from ``files``; ``module._qi_disk`` holds
-    (layers, fetch) where ``fetch(i)`` reads layer i (file opened per layer). None: nothing repeated."""
-    from safetensors import safe_open
-
-    from qi_core.loading import check_state_dict
+    """The module with everything but its repeated layers read from ``files``; ``module._qi_disk`` is the
+    :class:`LazyLayers` that reads them on demand. None: nothing repeated."""
+    from qi_core.loading import check_state_dict, safetensors_index
 
     with torch.device("meta"):
         module = build()
@@ -377,50 +477,47 @@ def read_lazily(build: Callable[[], nn.Module], files: list[Path], dtype: Any, w
     if found is None:
         return None  # nothing to stream: the default loader reads it whole
     prefix, layers = found
-    where: dict[str, Path] = {}
-    shapes: dict[str, Any] = {}
+    where: dict[str, StoredTensor] = {}
     for f in files:
-        with safe_open(str(f), "pt") as sf:
-            for k in sf.keys():
-                where[k] = Path(f)
-                shapes[k] = _Shape(sf.get_slice(k).get_shape())
-    check_state_dict(module.state_dict(), shapes, what)
-    lp = prefix + "."
-    rest = [k for k in where if not k.startswith(lp)]
-    by_file: dict[Path, list[str]] = {}
-    for k in rest:
-        by_file.setdefault(where[k], []).append(k)
-    sd = {}
-    for f, keys in by_file.items():
-        with safe_open(str(f), "pt") as sf:
-            for k in keys:
-                sd[k] = sf.get_tensor(k)
-    module.load_state_dict(sd, strict=False, assign=True)
-    target_dtype = dtype
-
-    def fetch(i: int) -> dict[str, torch.Tensor]:
-        head = f"{lp}{i}."
-        keys = [k for k in where if k.startswith(head)]
-        out = {}
-        for f in sorted({where[k] for k in keys}):
-            with safe_open(str(f), "pt") as sf:  # opened per layer: the mapping is dropped right after
-                for k in keys:
-                    if where[k] == f:
-                        t = sf.get_tensor(k)
-                        out[k[len(head) :]] = t.to(target_dtype) if t.is_floating_point() else t
-        return out
-
-    module._qi_disk = (layers, fetch)
-    if dtype is not None:
-        for t in (*module.parameters(), *module.buffers()):
-            if not t.is_meta and t.is_floating_point():
-                t.data = t.data.to(dtype)
+        where.update(safetensors_index(Path(f)))
+    check_state_dict(module.state_dict(), where, what)
+    lazy = LazyLayers(layers, prefix + ".", where, dtype)
+    rest = [k for k in where if not k.startswith(lazy.prefix)]
+    module.load_state_dict(dict(lazy.read(rest)), strict=False, assign=True)
+    module._qi_disk = lazy
     return module.eval().requires_grad_(False)
 
 
-class _Shape:
-    def __init__(self, shape: list[int]):
-        self.shape = tuple(shape)
+class LazyLayers:
+    """Reads layer i's tensors (``<prefix>i.*``) from the safetensors files, in ``dtype``, when asked."""
+
+    def __init__(self, layers: nn.ModuleList, prefix: str, where: dict[str, StoredTensor], dtype: Any):
+        self.layers, self.prefix, self.where, self.dtype = layers, prefix, where, dtype
+
+    def read(self, keys: list[str], mapped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor in ``dtype``), one at a time, in file order. ``mapped``: through a mapping of the file
+        that is dropped right after (the tensors are exactly what the default loader gives); otherwise plain
+        file reads into fresh memory (nothing of the file stays mapped while a model is being converted)."""
+        from safetensors import safe_open
+
+        from qi_core.loading import read_tensor
+
+        order = sorted(keys, key=lambda k: (str(self.where[k].file), self.where[k].start))
+        for f in dict.fromkeys(self.where[k].file for k in order):
+            opened = safe_open(str(f), "pt") if mapped else open(f, "rb")  # noqa: SIM115
+            with opened as fh:
+                for k in (k for k in order if self.where[k].file == f):
+                    t = fh.get_tensor(k) if mapped else read_tensor(fh, self.where[k])
+                    yield k, t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def tensors(self, i: int, mapped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Layer i's (name within the layer, tensor), one at a time."""
+        head = f"{self.prefix}{i}."
+        for k, t in self.read([k for k in self.where if k.startswith(head)], mapped):
+            yield k[len(head) :], t
+
+    def fetch(self, i: int) -> dict[str, torch.Tensor]:
+        return dict(self.tensors(i))
 
 
 def preset(name: str, **overrides: Any) -> Callable[..., Any]:

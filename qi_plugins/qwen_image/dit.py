@@ -130,7 +130,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
         L = txt.shape[1]
-        return kernels.linear(self.to_out[0], out[:, L:].contiguous()), kernels.linear(self.to_add_out, out[:, :L].contiguous())
+        img_out = kernels.linear(self.to_out[0], out[:, L:].contiguous())
+        return img_out, kernels.linear(self.to_add_out, out[:, :L].contiguous())
 
 
 def rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -183,24 +184,13 @@ class Block(nn.Module):
         """adaLN parameters from the timestep embeddings (K, B, dim): image (K, B, 6·dim), text (B, 6·dim)."""
         return _mod_linear(self.img_mod, temb), _mod_linear(self.txt_mod, temb[0])
 
-    def modulation_many(self, tembs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``modulation`` of several (K, B, dim) embeddings as one GEMM per stream (the weights are read once)."""
-        img_all = _mod_linear(self.img_mod, torch.cat([t.reshape(-1, t.shape[-1]) for t in tembs]))
-        txt_all = _mod_linear(self.txt_mod, torch.cat([t[0] for t in tembs]))
-        out, i, j = [], 0, 0
-        for t in tembs:
-            K, B, _ = t.shape
-            out.append((img_all[i : i + K * B].view(K, B, -1), txt_all[j : j + B]))
-            i, j = i + K * B, j + B
-        return out
-
     def forward(self, img, *args):
         """One input's tensors, or a list of argument tuples (several independent inputs in one call, so
         memory policies hooked on this block move its weights once)."""
         if isinstance(img, list):
             return [self.one(*a) for a in img]
         if isinstance(img, ModulationRequest):
-            return self.modulation_many(img.tembs)
+            return [self.modulation(t) for t in img.tembs]
         return self.one(img, *args)
 
     def one(self, img, txt, temb, rope_img, rope_txt, mask, mod_index, mods=None):
@@ -222,8 +212,10 @@ class Block(nn.Module):
         )
         img = torch.addcmul(img, img_gate1, img_a)
         txt = torch.addcmul(txt, t_gate1, txt_a)
-        img = torch.addcmul(img, img_gate2, self.img_mlp(torch.addcmul(img_shift2, self.img_norm2(img), 1 + img_scale2)))
-        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(torch.addcmul(t_shift2, self.txt_norm2(txt), 1 + t_scale2)))
+        img_m = torch.addcmul(img_shift2, self.img_norm2(img), 1 + img_scale2)
+        txt_m = torch.addcmul(t_shift2, self.txt_norm2(txt), 1 + t_scale2)
+        img = torch.addcmul(img, img_gate2, self.img_mlp(img_m))
+        txt = torch.addcmul(txt, t_gate2, self.txt_mlp(txt_m))
         if img.dtype == torch.float16:  # keep fp16 activations finite
             img, txt = img.clip(-65504, 65504), txt.clip(-65504, 65504)
         return img, txt

@@ -9,7 +9,9 @@ from torch import nn
 
 from qi_core import kernels
 
-needs_onednn = pytest.mark.skipif(not kernels.enabled(), reason="oneDNN linear not available in this torch build")
+needs_onednn = pytest.mark.skipif(
+    not kernels.enabled(), reason="oneDNN linear not available in this torch build"
+)
 
 
 def _layer(k=96, n=160, bias=True):
@@ -54,7 +56,9 @@ def test_falls_back_where_it_must():
         handle = lin.register_forward_hook(lambda m, a, out: out + 1.0)
         try:
             assert not kernels.fast_path(lin, x)
-            assert torch.equal(kernels.linear(lin, x), F.linear(x, lin.weight, lin.bias) + 1.0), "hooks must run"
+            assert torch.equal(kernels.linear(lin, x), F.linear(x, lin.weight, lin.bias) + 1.0), (
+                "hooks must run"
+            )
         finally:
             handle.remove()
 

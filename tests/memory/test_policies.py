@@ -20,6 +20,7 @@ POLICIES = ["none", "offload", "stream", "disk", "low-vram", "lowest-vram", {"di
 def baseline():
     pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)
     pipe.batch_cfg = False  # the plainest path: two separate passes, modulation inline, all resident
+    pipe.memory["dit"].wants_step_cache = False
     return {"t2i": pipe(**T2I), "non_square": pipe(**NON_SQUARE)}
 
 
@@ -92,3 +93,28 @@ def test_bad_memory_settings():
     assert parse_size("8GiB") == 8 * 1024**3 and parse_size(0.5) == 512 * 1024**2 and parse_size(None) is None
     with pytest.raises(InvalidInputError, match="vram_limit"):
         parse_size([8])
+
+
+def test_fp8_quantised_while_loading_equals_quantised_after(tiny_model):
+    """Loaded through the policy, the weights are quantised tensor by tensor into one 8-bit buffer; the result
+    is exactly that of quantising the fully loaded model."""
+    from qi_core.loading import loading_policy
+    from qi_plugins.memory.policies import FP8Storage
+    from qi_plugins.qwen_image.loading import load_dit
+
+    folder = tiny_model / "transformer"
+    after = FP8Storage("dit")
+    full = after.attach(load_dit(folder), device="cpu", dtype=torch.float32)
+    during = FP8Storage("dit")
+    with loading_policy(during, device="cpu", dtype=torch.float32):
+        loaded = load_dit(folder)
+    loaded = during.attach(loaded, device="cpu", dtype=torch.float32)
+    a, b = full.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()), k
+    assert after.streamer.scales.keys() == during.streamer.scales.keys()
+    for k, s in after.streamer.scales.items():
+        assert torch.equal(s, during.streamer.scales[k]), k
+    eight = [p for p in loaded.transformer_blocks.parameters() if p.dtype == torch.float8_e4m3fn]
+    assert len({p.untyped_storage().data_ptr() for p in eight}) == 1, "one buffer for all 8-bit weights"
