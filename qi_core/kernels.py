@@ -20,11 +20,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
+# name -> (oneDNN post-op, its algorithm, the same activation in plain torch)
 _ACTIVATIONS = {
-    None: ("none", ""),
-    "gelu-tanh": ("gelu", "tanh"),
-    "gelu": ("gelu", "none"),
+    None: ("none", "", lambda x: x),
+    "gelu-tanh": ("gelu", "tanh", lambda x: F.gelu(x, approximate="tanh")),
+    "gelu": ("gelu", "none", F.gelu),
 }
 _enabled = contextvars.ContextVar("qi_cpu_kernels", default=os.environ.get("QI_CPU_KERNELS", "1") != "0")
 
@@ -53,16 +55,6 @@ def enabled() -> bool:
     return _ONEDNN and _enabled.get()
 
 
-def _eager(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation is None:
-        return x
-    if activation == "gelu-tanh":
-        return F.gelu(x, approximate="tanh")
-    if activation == "gelu":
-        return F.gelu(x)
-    raise _unknown(activation)
-
-
 def _unknown(activation: str | None) -> ValueError:
     names = sorted(k for k in _ACTIVATIONS if k)
     return ValueError(f"unknown activation {activation!r}; expected None or one of {names}")
@@ -79,16 +71,15 @@ def fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if x.numel() == 0 or w.is_meta or not enabled():
         return False
-    from torch.nn.modules import module as _m  # global hooks would be skipped by the direct call
-
-    return not (_m._global_forward_hooks or _m._global_forward_pre_hooks)
+    # global module hooks would be skipped by the direct call
+    return not (_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
 def linear(layer: nn.Module, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
     """``activation(layer(x))``; ``activation`` is None, ``"gelu-tanh"`` or ``"gelu"``."""
     if activation not in _ACTIVATIONS:
         raise _unknown(activation)
+    attr, algorithm, eager = _ACTIVATIONS[activation]
     if not fast_path(layer, x):
-        return _eager(layer(x), activation)
-    attr, algorithm = _ACTIVATIONS[activation]
+        return eager(layer(x))
     return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, [], algorithm)
