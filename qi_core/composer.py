@@ -19,7 +19,8 @@ def default_dtype(device: str) -> Any:
 def compose(name: str, model: str | os.PathLike | None = None, *, device: str = "cpu", torch_dtype: Any = None,
             adapters: list[Any] | tuple[Any, ...] = (), memory: str | Any = "none",
             components: dict[str, Any] | None = None, downloader: Any = None, progress: bool = True,
-            roles: Any = None) -> Any:  # fmt: skip
+            roles: Any = None, guidance: str | Any = None, sampler: str | Any = None,
+            step_runner: str | Any = "batched", attention: str | Any = None) -> Any:  # fmt: skip
     """Build the pipeline ``name`` (see ``qi pipelines``) with weights from ``model``.
 
     ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
@@ -31,6 +32,9 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     :class:`~qi_core.loading.ModelConfig`), e.g. ``{"dit": "my_finetune.safetensors"}``.
     ``roles``: load only these component roles (the others stay absent), e.g. ``{"dit"}`` for the second
     stage of split training; None loads every role.
+    ``guidance``, ``sampler``, ``step_runner``: registered loop parts by name (or objects); the first two
+    default to the recipe's and can be changed per call. ``attention``: a registered attention backend given
+    to every component with ``set_attention`` (None keeps the denoiser's own, torch's SDPA).
     """
     import torch
 
@@ -39,6 +43,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
 
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
+    # parts by name are checked before any weight loads
+    parts = {kind: reg.get(kind, spec).load()() if isinstance(spec, str) else spec
+             for kind, spec in (("guider", guidance or recipe.guidance), ("sampler", sampler or recipe.sampler),
+                                ("step_runner", step_runner))}  # fmt: skip
+    backend = reg.get("attention", attention).load() if isinstance(attention, str) else attention
     dtype = torch_dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype):
         raise InvalidInputError(f"torch_dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
@@ -90,8 +99,13 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
 
     scheduler = reg.get("scheduler", recipe.scheduler).load()()
     injectors = [reg.get("injector", n).load()() for n in recipe.injectors]
+    if backend is not None:
+        for comp in components.values():
+            if hasattr(comp, "set_attention"):
+                comp.set_attention(backend)
     pipe = Pipeline(name, components, scheduler, injectors, device=device, dtype=dtype,
-                    defaults=dict(recipe.defaults), memory=policies, model=os.fspath(source))  # fmt: skip
+                    defaults=dict(recipe.defaults), memory=policies, model=os.fspath(source),
+                    **parts)  # fmt: skip
     for a in (*recipe.adapters, *adapters):
         adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
         adapter.apply(pipe)

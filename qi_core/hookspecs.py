@@ -7,7 +7,8 @@ provides. The core owns the names and the collision rules; a plugin never mutate
 Registration must stay cheap: ``qi plugins`` loads every plugin and calls every hook. Register *factories*
 (callables or ``"module:attribute"`` strings) and import torch models only inside them.
 
-The six part categories of a diffusion pipeline, the two that compose them, and CLI commands:
+The six part categories of a diffusion pipeline, the two that compose them, CLI commands, and the four parts
+the denoising loop is made of:
 
 ===========================  ================================================================================
 hook                         registers
@@ -22,6 +23,11 @@ qi_register_training_tasks   losses and data steps for ``qi train``
 qi_register_adapters         weight adapters (LoRA-like) and named adapter bundles composable by name
 qi_register_pipelines        recipes: a named composition of the parts above
 qi_register_commands         ``qi`` sub-commands added by plugins
+qi_register_guiders          guiders: how the per-side predictions of a step combine (``cfg``, ``cfg-renorm``)
+qi_register_samplers         samplers: how the flow ODE is integrated over the sigmas (``euler``, ``heun``)
+qi_register_step_runners     step runners: how one step's per-side inputs become predictions (batched, cached,
+                             spread over devices)
+qi_register_attention        attention backends the denoiser calls (``sdpa``)
 ===========================  ================================================================================
 
 The runtime protocols of the registered objects (what an injector's methods receive, what a denoiser is
@@ -140,6 +146,51 @@ def qi_register_commands(register: Register) -> None:
     """
 
 
+@hookspec
+def qi_register_guiders(register: Register) -> None:
+    """Register guiders: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.Guider`: ``sides(params)`` names
+    the denoiser passes a step needs (``("positive", "negative")`` or ``("positive",)``) and
+    ``combine(preds, *, params, step, sigma)`` turns the per-side predictions into one velocity. Chosen by
+    ``qi.compose(..., guidance=NAME)`` and per call by ``guidance=NAME``. Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_samplers(register: Register) -> None:
+    """Register samplers: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.Sampler`:
+    ``sample(velocity, latents, sigmas, *, state) -> latents`` integrates from ``sigmas[0]`` to ``sigmas[-1]``
+    (``num_inference_steps + 1`` entries), calling ``velocity(latents, i, sigma)`` for the guided velocity of
+    step ``i`` at ``sigma`` and ``state.step_done(i, latents)`` after each step. Chosen by
+    ``qi.compose(..., sampler=NAME)`` and per call by ``sampler=NAME``. Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_step_runners(register: Register) -> None:
+    """Register step runners: ``register(name, factory)``.
+
+    ``factory()`` returns an object implementing :class:`qi_core.protocols.StepRunner`:
+    ``run(denoiser, inputs, *, state, step, sigma) -> {side: prediction}`` evaluates the denoiser on one
+    step's per-side :class:`qi_core.protocols.DenoiseInput` s (together, one by one, from a cache, or spread
+    over devices). Chosen by ``qi.compose(..., step_runner=NAME)``. Called once per plugin at load time.
+    """
+
+
+@hookspec
+def qi_register_attention(register: Register) -> None:
+    """Register attention backends: ``register(name, backend)``.
+
+    ``backend(q, k, v, mask) -> out`` with ``q``, ``k``, ``v`` of shape (B, H, S, D) and ``mask`` None, a
+    boolean keep-mask or an additive float mask broadcastable to (B, H, S, S); returns (B, H, S, D). Chosen
+    by ``qi.compose(..., attention=NAME)``; a denoiser with ``set_attention(backend)`` receives it.
+    Called once per plugin at load time.
+    """
+
+
 HOOKS: tuple[str, ...] = (
     "qi_register_encoders",
     "qi_register_denoisers",
@@ -150,6 +201,10 @@ HOOKS: tuple[str, ...] = (
     "qi_register_adapters",
     "qi_register_pipelines",
     "qi_register_commands",
+    "qi_register_guiders",
+    "qi_register_samplers",
+    "qi_register_step_runners",
+    "qi_register_attention",
 )
 
 # hook name -> registry kind it fills
@@ -163,4 +218,8 @@ HOOK_KINDS: dict[str, str] = {
     "qi_register_adapters": "adapter",
     "qi_register_pipelines": "pipeline",
     "qi_register_commands": "command",
+    "qi_register_guiders": "guider",
+    "qi_register_samplers": "sampler",
+    "qi_register_step_runners": "step_runner",
+    "qi_register_attention": "attention",
 }

@@ -1,8 +1,12 @@
 """The generic flow-matching loop. It knows parts by role, never a variant by name.
 
-One call: check parameters → injectors ``validate``/``prepare`` → noise → initial latents → prompts (per CFG
-side) → for each step and side, a :class:`~qi_core.protocols.DenoiseInput` that injectors extend → guidance →
-injectors' ``velocity`` → Euler step → decode.
+One call: check parameters → injectors ``validate``/``prepare`` → noise → initial latents → prompts (per
+guidance side) → the sampler integrates the velocity, where each evaluation builds one
+:class:`~qi_core.protocols.DenoiseInput` per side that injectors extend, the step runner turns them into
+predictions, the guider combines them and injectors' ``velocity`` adjusts the result → decode.
+
+The guider, sampler, step runner and attention backend are registered parts chosen by name
+(``qi.compose(..., guidance=, sampler=)``, and per call ``guidance=`` / ``sampler=``).
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ BASE_PARAMS: dict[str, Any] = {
     "tile_stride": 64,
     "progress_bar_cmd": tqdm,
     "output_type": "pil",
+    "guidance": None,  # a registered guider's name (or a guider); None = the pipeline's
+    "sampler": None,  # a registered sampler's name (or a sampler); None = the pipeline's
 }
 OUTPUT_TYPES = ("pil", "np", "latent")
 SIDES = ("positive", "negative")
+#: Part kind → the registered name a pipeline uses when none is chosen.
+DEFAULT_PARTS = {"guider": "cfg", "sampler": "euler", "step_runner": "batched"}
 
 
 @dataclass
@@ -59,16 +67,24 @@ class RunState:
     frames_as_list: bool = False  # return a list of images even for one frame
     prompts: dict[str, list[TextSegment]] = field(default_factory=dict)  # side → text segments
     data: dict[str, Any] = field(default_factory=dict)
-
-    def __getattr__(self, name: str) -> Any:  # state.height etc. read the call parameters
-        try:
-            return self.__dict__["params"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    sides: tuple[str, ...] = SIDES  # the passes the guider asked for ("positive", "negative")
+    sigma: torch.Tensor | None = None  # the sigma the velocity is being evaluated at (0-d)
+    tracer: Callable[[str, torch.Tensor], None] | None = field(default=None, repr=False)
 
     @property
     def cfg(self) -> bool:
-        return float(self.params["cfg_scale"]) != 1.0
+        """Whether the call runs a negative pass."""
+        return "negative" in self.sides
+
+    def progress(self, steps: Iterable[int]) -> Iterable[int]:
+        """The sampler's step loop through the call's progress bar (``progress_bar_cmd``)."""
+        return self.params["progress_bar_cmd"](steps)
+
+    def step_done(self, i: int, latents: torch.Tensor) -> None:
+        """Samplers call this after step ``i`` with the latents it produced."""
+        self.latents = latents
+        if self.tracer is not None:
+            self.tracer(f"latents_step_{i}", latents)
 
     def vae_kwargs(self) -> dict[str, Any]:
         return {k: self.params[k] for k in ("tiled", "tile_size", "tile_stride")}
@@ -80,7 +96,8 @@ class Pipeline:
     def __init__(self, name: str, components: dict[str, Any], scheduler: Any, injectors: Iterable[Injector],
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  defaults: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
-                 model: str | None = None):  # fmt: skip
+                 model: str | None = None, guider: Any = None, sampler: Any = None,
+                 step_runner: Any = None):  # fmt: skip
         self.name = name
         self.components = dict(components)
         self.scheduler = scheduler
@@ -91,7 +108,10 @@ class Pipeline:
         self.model = model
         self.adapters: list[Any] = []
         self.tracer: Callable[[str, torch.Tensor], None] | None = None  # sees every intermediate tensor
-        self.batch_cfg = True  # run the CFG sides through each denoiser layer together
+        # registered parts of the loop (objects, or names resolved on first use)
+        self.guider = guider if guider is not None else DEFAULT_PARTS["guider"]
+        self.sampler = sampler if sampler is not None else DEFAULT_PARTS["sampler"]
+        self.step_runner = step_runner if step_runner is not None else DEFAULT_PARTS["step_runner"]
 
     # -- parts -----------------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # pipe.dit, pipe.vae, pipe.text_encoder
@@ -120,6 +140,28 @@ class Pipeline:
             params.update(inj.params)
         params.update(self.defaults)
         return params
+
+    def part(self, kind: str, spec: Any) -> Any:
+        """A loop part: ``spec`` itself, or the registered ``kind`` of that name, built with no arguments."""
+        if not isinstance(spec, str):
+            return spec
+        from qi_core.plugin_host import host
+
+        return host().registry.get(kind, spec).load()()
+
+    @property
+    def batch_cfg(self) -> bool:
+        """Whether the step runner sends the sides through each denoiser layer together."""
+        return bool(getattr(self._runner(), "batch", False))
+
+    @batch_cfg.setter
+    def batch_cfg(self, on: bool) -> None:
+        self.step_runner = self.part("step_runner", self.step_runner)
+        self.step_runner.batch = bool(on)
+
+    def _runner(self) -> Any:
+        self.step_runner = self.part("step_runner", self.step_runner)
+        return self.step_runner
 
     def injector(self, name: str) -> Injector | None:
         return next((i for i in self.injectors if i.name == name), None)
@@ -155,7 +197,12 @@ class Pipeline:
         self._check_core(params)
         if params["seed"] is None:
             params["seed"] = random.randrange(2**31)
-        return RunState(params=params, device=self.device, dtype=self.dtype)
+        guider = self.part("guider", params["guidance"] if params["guidance"] is not None else self.guider)
+        sampler = self.part("sampler", params["sampler"] if params["sampler"] is not None else self.sampler)
+        state = RunState(params=params, device=self.device, dtype=self.dtype, sides=tuple(guider.sides(params)),
+                         tracer=self.trace)  # fmt: skip
+        state.data["guider"], state.data["sampler"] = guider, sampler
+        return state
 
     def _check_core(self, p: dict[str, Any]) -> None:
         m = self.size_multiple
@@ -230,7 +277,7 @@ class Pipeline:
         return noise.to(self.device)
 
     def encode_prompts(self, state: RunState) -> None:
-        sides = SIDES if state.cfg else SIDES[:1]
+        sides = state.sides
         with self.using("text_encoder") as te:
             te = te or self.components["text_encoder"]
             for side in sides:
@@ -244,65 +291,70 @@ class Pipeline:
                 self.trace("prompt_emb" if side == "positive" else "negative_prompt_emb", seg.emb)
 
     def denoise(self, state: RunState) -> torch.Tensor:
+        """Integrate from ``state.latents`` with the call's sampler; returns the final latents."""
+        sigmas = state.sigmas
+        full = torch.cat([sigmas, sigmas.new_zeros(1)])  # the step after the last goes to σ = 0
         with self.using("dit") as dit:
             dit = dit or self.components["dit"]
+
+            def velocity(latents: torch.Tensor, i: int, sigma: torch.Tensor) -> torch.Tensor:
+                return self.velocity(state, dit, latents, i, sigma)
+
             try:
-                return self._loop(state, dit)
+                return state.data["sampler"].sample(velocity, state.latents, full, state=state)
             finally:
                 if getattr(dit, "step_cache", None) is not None:
                     dit.step_cache = None
                     self.memory["dit"].skip_parameters(set())
 
-    def _fill_step_cache(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> None:
+    def denoise_inputs(self, state: RunState, latents: torch.Tensor, i: int,
+                       timestep: torch.Tensor) -> dict[str, DenoiseInput]:  # fmt: skip
+        """One :class:`DenoiseInput` per guidance side for step ``i``, extended by every injector."""
+        inputs = {}
+        for side in state.sides:
+            inp = DenoiseInput(latents=latents, timestep=timestep, text=list(state.prompts[side]),
+                               target_frames=state.target_frames)  # fmt: skip
+            for inj in self.injectors:
+                inj.denoise_input(self, state, side, i, inp)
+            inputs[side] = inp
+        return inputs
+
+    def timestep(self, state: RunState, i: int, sigma: torch.Tensor) -> torch.Tensor:
+        """The denoiser's timestep (1,) at ``sigma``: the schedule's own for step ``i`` (bit for bit), else the
+        schedule's ``timestep(sigma)`` (rectified flow: 1000·σ)."""
+        if float(sigma) == float(state.sigmas[i]):
+            t = state.timesteps[i : i + 1]
+        else:
+            convert = getattr(self.scheduler, "timestep", None)
+            t = convert(sigma.reshape(1)) if convert is not None else sigma.reshape(1) * 1000
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def velocity(self, state: RunState, dit: Any, latents: torch.Tensor, i: int,
+                 sigma: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The guided velocity of step ``i`` at ``sigma``: inputs → step runner → guider → injectors."""
+        state.sigma = sigma
+        inputs = self.denoise_inputs(state, latents, i, self.timestep(state, i, sigma))
+        if "step_cache" not in state.data:  # first evaluation of the call
+            state.data["step_cache"] = self._fill_step_cache(dit, list(inputs.values()), state.timesteps)
+        preds = self._runner().run(dit, inputs, state=state, step=i, sigma=sigma)
+        for side in state.sides:
+            self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
+        v = state.data["guider"].combine(preds, params=state.params, step=i, sigma=float(sigma))
+        self.trace(f"noise_pred_step_{i}", v)
+        for inj in self.injectors:
+            v = inj.velocity(self, state, i, v, latents)
+        return v
+
+    def _fill_step_cache(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> bool:
         """When the memory policy asks for it (``wants_step_cache``) and the denoiser can precompute its
         per-timestep state (``fill_step_cache``), do it once per call; the weights only that state needs then
-        stay put."""
+        stay put. Returns whether it did."""
         policy = (self.memory or {}).get("dit")
         if getattr(policy, "wants_step_cache", False) and hasattr(dit, "fill_step_cache"):
             dit.fill_step_cache(inputs, timesteps.to(self.device, self.dtype))
             policy.skip_parameters(dit.step_cache_parameters())
-
-    def _loop(self, state: RunState, dit: Any) -> torch.Tensor:
-        p = state.params
-        latents, sigmas, timesteps = state.latents, state.sigmas, state.timesteps
-        n = len(sigmas)
-        sides = SIDES if state.cfg else SIDES[:1]
-        for i in p["progress_bar_cmd"](range(n)):
-            inputs = {}
-            for side in sides:
-                inp = DenoiseInput(
-                    latents=latents,
-                    timestep=timesteps[i : i + 1].to(device=self.device, dtype=self.dtype),
-                    text=list(state.prompts[side]),
-                    target_frames=state.target_frames,
-                )
-                for inj in self.injectors:
-                    inj.denoise_input(self, state, side, i, inp)
-                inputs[side] = inp
-            if i == 0:
-                self._fill_step_cache(dit, list(inputs.values()), timesteps)
-            preds = self.predict(dit, inputs)
-            for side in sides:
-                self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
-            v = preds["positive"]
-            if state.cfg:
-                v = preds["negative"] + p["cfg_scale"] * (preds["positive"] - preds["negative"])
-            self.trace(f"noise_pred_step_{i}", v)
-            for inj in self.injectors:
-                v = inj.velocity(self, state, i, v, latents)
-            sigma_next = sigmas[i + 1] if i + 1 < n else torch.zeros_like(sigmas[i])
-            latents = latents + v * (sigma_next - sigmas[i]).to(latents.device, latents.dtype)
-            state.latents = latents
-            self.trace(f"latents_step_{i}", latents)
-        return latents
-
-    def predict(self, dit: Any, inputs: dict[str, DenoiseInput]) -> dict[str, torch.Tensor]:
-        """The CFG sides together (``forward_many``: each layer runs once for both, so a streamed layer moves
-        once per step) when the denoiser supports it and ``batch_cfg`` is on; else one call per side."""
-        many = getattr(dit, "forward_many", None)
-        if self.batch_cfg and len(inputs) > 1 and many is not None:
-            return dict(zip(inputs, many(list(inputs.values())), strict=True))
-        return {side: dit(inp) for side, inp in inputs.items()}
+            return True
+        return False
 
     def decode(self, state: RunState, latents: torch.Tensor) -> Any:
         kind = state.params["output_type"]

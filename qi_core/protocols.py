@@ -13,7 +13,7 @@ indices select :attr:`DenoiseInput.extra_timesteps`). Only the target tokens are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -164,6 +164,42 @@ class MemoryPolicy(Protocol):
         """Context manager around one use of ``model`` on the compute device."""
 
 
+@runtime_checkable
+class Guider(Protocol):
+    """How the per-side predictions of one step combine (``qi_register_guiders``)."""
+
+    def sides(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The denoiser passes each step needs: ``("positive", "negative")`` or ``("positive",)``."""
+
+    def combine(self, preds: Mapping[str, torch.Tensor], *, params: Mapping[str, Any], step: int,
+                sigma: float) -> torch.Tensor:  # fmt: skip
+        """The guided velocity from ``{side: prediction}``."""
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """How the flow ODE is integrated (``qi_register_samplers``)."""
+
+    def sample(self, velocity: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor], latents: torch.Tensor,
+               sigmas: torch.Tensor, *, state: Any) -> torch.Tensor:  # fmt: skip
+        """Integrate from ``sigmas[0]`` to ``sigmas[-1]`` (``num_inference_steps + 1`` entries)."""
+
+
+@runtime_checkable
+class StepRunner(Protocol):
+    """How one step's per-side inputs become predictions (``qi_register_step_runners``)."""
+
+    def run(self, denoiser: Any, inputs: Mapping[str, DenoiseInput], *, state: Any, step: int,
+            sigma: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        """One prediction per side, each shaped like its input's latents."""
+
+
+AttentionBackend = Callable[
+    ["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor | None"], "torch.Tensor"
+]
+"""``backend(q, k, v, mask) -> out`` over (B, H, S, D) tensors (``qi_register_attention``)."""
+
+
 class TrainingTask(Protocol):
     name: str
 
@@ -182,10 +218,3 @@ def component_module(component: Any) -> Any:
         if isinstance(inner, nn.Module):
             return inner
     return None
-
-
-def iter_methods(obj: object, names: Sequence[str]) -> Iterator[str]:
-    """Names in ``names`` that ``obj`` overrides from :class:`Injector`."""
-    for n in names:
-        if getattr(type(obj), n, None) is not getattr(Injector, n, None):
-            yield n

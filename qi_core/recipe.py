@@ -33,3 +33,5 @@ class Recipe:
     model: str | None = None  # default model: ModelScope / Hugging Face id or folder
     model_ids: tuple[str, ...] = ()  # hub ids whose weights this recipe serves
     tiny: str | None = None  # "module:function(out_dir, seed=0)" writing a tiny random model (model="tiny")
+    guidance: str = "cfg"  # registered guider used unless compose/the call picks another
+    sampler: str = "euler"  # registered sampler used unless compose/the call picks another

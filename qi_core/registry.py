@@ -18,6 +18,10 @@ KINDS = (
     "adapter",
     "pipeline",
     "command",
+    "guider",
+    "sampler",
+    "step_runner",
+    "attention",
 )
 
 

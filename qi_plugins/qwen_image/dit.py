@@ -118,6 +118,7 @@ class Attention(nn.Module):
         self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
+        self.attend = F.scaled_dot_product_attention  # backend(q, k, v, mask); see QwenImageDiT.set_attention
 
     def forward(self, img, txt, rope_img, rope_txt, mask):
         heads = lambda lin, x: rearrange(kernels.linear(lin, x), "B S (H D) -> B S H D", D=self.head_dim)  # noqa: E731
@@ -127,7 +128,7 @@ class Attention(nn.Module):
                        rope(self.norm_k(heads(self.to_k, img)), rope_img)], dim=1)  # fmt: skip
         v = torch.cat([heads(self.add_v_proj, txt), heads(self.to_v, img)], dim=1)
         q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.attend(q, k, v, mask)
         out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
         L = txt.shape[1]
         img_out = kernels.linear(self.to_out[0], out[:, L:].contiguous())
@@ -274,6 +275,12 @@ class QwenImageDiT(nn.Module):
         # {(timestep, extra timesteps): per-block modulation}; None = compute inline. Enabled per call by the
         # pipeline when a memory policy streams the blocks: the modulation weights then never move.
         self.step_cache: dict | None = None
+
+    def set_attention(self, backend) -> None:
+        """Use ``backend(q, k, v, mask) -> out`` (a registered attention backend) in every block."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attend = backend
 
     # -- inputs ----------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor, frames: int = 1) -> torch.Tensor:
@@ -457,7 +464,3 @@ class QwenImageDiT(nn.Module):
         keep = torch.cat([txt_mask, torch.ones_like(txt_mask[:, :1]).expand(-1, n_img)], dim=1)
         pad = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
         return extra.to(dtype) + pad[:, None, None, :]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

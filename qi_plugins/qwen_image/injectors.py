@@ -80,5 +80,6 @@ class InputImage(Injector):
         if d is None or "mask_latent" not in d:
             return velocity
         m = d["mask_latent"]
-        expected = (latents - d["latents"]) / state.sigmas[step].to(latents.device, latents.dtype)
+        # the velocity that lands on the input image's latents, at the sigma being evaluated
+        expected = (latents - d["latents"]) / state.sigma.to(latents.device, latents.dtype)
         return expected * (1 - m) + velocity * m

@@ -81,6 +81,7 @@ class FlowMatchSchedule:
         return sigmas, timesteps, w
 
     @staticmethod
-    def step(latents: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
-        """Euler step of the flow ODE."""
-        return latents + velocity * (sigma_next - sigma)
+    def timestep(sigma: torch.Tensor) -> torch.Tensor:
+        """The denoiser's timestep at ``sigma`` (rectified flow: 1000·σ), for samplers that step between the
+        schedule's sigmas."""
+        return sigma * NUM_TRAIN_TIMESTEPS
