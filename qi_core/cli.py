@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from qi_core.atomic import atomic_file
-from qi_core.errors import QiError
+from qi_core.atomic import atomic_file, check_output_file, check_writable_parent
+from qi_core.errors import OutputPathError, QiError
+
+EXIT_ERROR = 2  # a QiError: bad input, named in one line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -48,6 +52,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
     recipe = host().registry.get("pipeline", args.pipeline).load()
     if recipe.tiny is None:
         raise QiError(f"pipeline {args.pipeline!r} has no tiny-model builder")
+    check_writable_parent(args.dir, "model folder")
     build = Entry("pipeline", recipe.name, recipe.tiny, "").load()
     out = build(args.dir, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote tiny {recipe.name} model to {out}")
@@ -62,16 +67,23 @@ def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
     for k, v in meta.items():
         info.add_text(f"qi:{k}", str(v))
     info.add_text("parameters", json.dumps(meta, ensure_ascii=False))
-    with atomic_file(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+    try:
+        with atomic_file(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+    except PermissionError as e:  # the up-front check passed, yet the folder refused (ACLs, a quota …)
+        raise OutputPathError(f"cannot write {path}: {e.strerror}; choose a writable --out location") from e
 
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
+    from qi_core.devices import check_device, check_seed, default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Everything the user typed is checked before the model loads: a bad --out must not cost a generation.
+    target = check_output_file(args.out, (".png",), "--out")
+    device = check_device(args.device) if args.device is not None else default_device()
+    check_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
         args.dtype
     ]
@@ -94,7 +106,6 @@ def _generate(args: argparse.Namespace) -> int:
         settings["seed"] = call["seed"] = random.randrange(2**31)
     out = pipe(**call)
     images = out if isinstance(out, list) else [out]
-    target = Path(args.out)
     meta = {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
                                      "height", "width")}  # fmt: skip
     meta.update(pipeline=args.pipeline, model=str(args.model or pipe.model), qi_version=qi.__version__)
@@ -113,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--pipeline", default="qwen-image", help="recipe name (see `qi pipelines`)")
     g.add_argument("--model", default=None, help="folder, hub id (hf:ORG/NAME for Hugging Face) or 'tiny'")
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="0 … 2^64-1 (default: random)")
     g.add_argument("--steps", type=int, default=None, help="num_inference_steps")
     g.add_argument("--cfg-scale", type=float, default=None)
     g.add_argument("--height", type=int, default=None)
@@ -124,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inpaint-mask", default=None, help="white = redraw")
     g.add_argument("--adapter", action="append", help="adapter name (repeatable)")
     g.add_argument("--memory", default="none", help="memory policy name")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    g.add_argument("--out", default="out.png")
+    g.add_argument("--out", default="out.png", help="PNG file to write")
     g.set_defaults(func=_generate)
 
     p = sub.add_parser("plugins", help="list installed plugins")
@@ -158,18 +169,54 @@ def build_parser() -> argparse.ArgumentParser:
 def _broken(name: str, plugin: str, error: Exception):
     def run(args: argparse.Namespace) -> int:
         print(f"qi: error: command {name!r} of plugin {plugin!r} failed to load: {error}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
     return run
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _end_progress_bars() -> None:
+    """Close the tqdm bars an exception left running, so the message below starts on its own line."""
+    std = sys.modules.get("tqdm.std")  # no bar can be live if tqdm was never imported
+    if std is None:
+        return
+    bars = [bar for bar in list(getattr(std.tqdm, "_instances", ())) if not bar.disable]
+    for bar in bars:
+        bar.close()  # leave=False bars clear their line; the others finish theirs
+    if bars and not sys.stderr.isatty():
+        sys.stderr.write("\n")  # a log file keeps the bar's text; end that line
+
+
+def _stdout_gone() -> None:
+    """After a BrokenPipeError (``qi … | head -1``): point stdout at devnull, so the interpreter's final flush
+    does not raise again (the recipe of the Python docs, "Note on SIGPIPE")."""
     try:
-        return args.func(args)
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stdout (tests, embedding) has no descriptor
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``qi`` command; exit code 0, 2 for a :class:`QiError` (one line on stderr), 130 on Ctrl-C."""
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows up here (also after --help), not at interpreter exit
+    except BrokenPipeError:
+        _stdout_gone()
+        return 1
+    except KeyboardInterrupt:
+        _end_progress_bars()
+        print("qi: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except QiError as e:
+        _end_progress_bars()
         print(f"qi: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

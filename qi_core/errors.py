@@ -17,6 +17,10 @@ class ImageReadError(InvalidInputError):
     """An input image or mask could not be read as an image."""
 
 
+class OutputPathError(InvalidInputError):
+    """An output path cannot be written: a folder, a read-only location or a wrong file suffix."""
+
+
 class UnknownNameError(QiError, KeyError):
     """A name (pipeline, scheduler, part, adapter, policy) is not registered."""
 

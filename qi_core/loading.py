@@ -218,8 +218,85 @@ def read_state_dict(files: list[Path], device: str = "cpu") -> dict[str, Any]:
 
     sd: dict[str, Any] = {}
     for f in files:
-        sd.update(load_file(str(f), device=device))
+        try:
+            sd.update(load_file(str(f), device=device))
+        except (SafetensorsError, OSError) as e:
+            raise unreadable_safetensors(f, e) from e
     return sd
+
+
+# -- checked safetensors ---------------------------------------------------------------------------------
+# The readers here (``read_state_dict``, ``safetensors_index``) go through ``_header`` or
+# ``unreadable_safetensors``, and other readers can call ``check_safetensors`` first: a truncated file (what
+# an interrupted download leaves) is then reported the same way everywhere, as a ModelLoadError naming it.
+try:
+    from safetensors import SafetensorError as SafetensorsError
+except ImportError:  # safetensors < 0.4.3 did not export it; its errors are plain Exceptions there
+    SafetensorsError = Exception  # type: ignore[misc,assignment]
+
+_REDOWNLOAD = "delete it and download the model again"
+
+
+def _truncated(file: Path, have: int, want: int) -> ModelLoadError:
+    return ModelLoadError(
+        f"{file} is truncated ({have:,} of {want:,} bytes), as an interrupted download leaves it; {_REDOWNLOAD}"
+    )
+
+
+def _header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a safetensors file, or ModelLoadError naming the file."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = fh.read(size) if 0 < size < 1 << 30 else b""
+    except OSError as e:
+        raise ModelLoadError(
+            f"{file} cannot be read ({e.strerror or e}); check the path and permissions"
+        ) from e
+    if 0 < size < 1 << 30 and len(raw) < size:
+        raise _truncated(file, 8 + len(raw), 8 + size)
+    try:
+        header = json.loads(raw) if raw else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{file} is not a safetensors file (unreadable header); {_REDOWNLOAD}")
+    return size, header
+
+
+def _data_end(file: Path, size: int, header: dict[str, Any]) -> int:
+    """The file length the header promises: 8 + header + the end of the last tensor's data."""
+    try:
+        last = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ModelLoadError(f"{file} has a malformed safetensors header; {_REDOWNLOAD}") from None
+    return 8 + size + last
+
+
+def check_safetensors(file: str | os.PathLike) -> None:
+    """Raise ModelLoadError naming ``file`` when it is not a complete safetensors file (truncated by an
+    interrupted download, or not safetensors at all). Reads only the header and the file size."""
+    file = Path(file)
+    size, header = _header(file)
+    want, have = _data_end(file, size, header), file.stat().st_size
+    if have < want:
+        raise _truncated(file, have, want)
+    if have > want:
+        raise ModelLoadError(
+            f"{file} has {have - want:,} bytes after its last tensor (a corrupt download?); {_REDOWNLOAD}"
+        )
+
+
+def unreadable_safetensors(file: str | os.PathLike, error: BaseException) -> ModelLoadError:
+    """The ModelLoadError for a safetensors reader's ``error`` on ``file``: the header check's diagnosis when
+    it finds one (truncated, not safetensors), else the reader's message."""
+    try:
+        check_safetensors(file)
+    except ModelLoadError as e:
+        return e
+    reason = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the reader wrote
+    return ModelLoadError(f"{file} could not be read as safetensors ({reason}); {_REDOWNLOAD}")
 
 
 _ST_DTYPES = {
@@ -244,15 +321,10 @@ def safetensors_index(file: Path) -> dict[str, StoredTensor]:
     """Every tensor of a safetensors file, from its header alone (nothing mapped, no data read)."""
     import torch
 
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        size = int.from_bytes(head, "little") if len(head) == 8 else -1
-        try:
-            header = json.loads(fh.read(size)) if 0 < size < 1 << 30 else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        raise ModelLoadError(f"{file}: not a safetensors file (unreadable header)")
+    size, header = _header(Path(file))
+    want, have = _data_end(Path(file), size, header), Path(file).stat().st_size
+    if have < want:  # found now, not when a lazily read layer reaches the missing bytes mid-generation
+        raise _truncated(Path(file), have, want)
     out = {}
     for k, v in header.items():
         if k == "__metadata__":
@@ -275,7 +347,10 @@ def read_tensor(fh: Any, entry: StoredTensor) -> Any:
         fh.seek(entry.start)
         view = t.view(-1).view(torch.uint8).numpy()
         if fh.readinto(view) != entry.nbytes:
-            raise ModelLoadError(f"{entry.file}: truncated tensor data at byte {entry.start}")
+            raise ModelLoadError(
+                f"{entry.file}: truncated tensor data at byte {entry.start} (an interrupted download?); "
+                f"{_REDOWNLOAD}"
+            )
     return t
 
 

@@ -20,8 +20,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from qi_core.atomic import check_output_file
     from qi_plugins.lora.formats import convert_file, detect_format, read_state_dict
 
+    check_output_file(args.output, (".safetensors",), "output")  # before reading and converting the input
     src = detect_format(read_state_dict(args.input))
     out = convert_file(args.input, args.output, args.to_format)
     print(f"wrote {out} ({src} → {args.to_format})")
