@@ -41,8 +41,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     from qi_core.loading import component_folder, component_source, loading_policy, resolve_model_root
     from qi_core.pipeline import Pipeline
 
+    from qi_core.devices import check_device
+
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
+    device = check_device(device)
     # parts by name are checked before any weight loads
     parts = {kind: reg.get(kind, spec).load()() if isinstance(spec, str) else spec
              for kind, spec in (("guider", guidance or recipe.guidance), ("sampler", sampler or recipe.sampler),

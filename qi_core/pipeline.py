@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,29 +24,35 @@ from tqdm.auto import tqdm
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import tensor_to_image
+from qi_core.params import CallParams, Opaque, param, specs, validate
 from qi_core.protocols import DenoiseInput, Injector, TextSegment
 
-#: Call parameters of the generic loop, with their defaults (DiffSynth-Studio names and meaning).
-BASE_PARAMS: dict[str, Any] = {
-    "prompt": "",
-    "negative_prompt": "",
-    "cfg_scale": 4.0,
-    "height": 1328,
-    "width": 1328,
-    "seed": None,
-    "rand_device": "cpu",
-    "num_inference_steps": 30,
-    "denoising_strength": 1.0,
-    "exponential_shift_mu": None,
-    "tiled": False,
-    "tile_size": 128,
-    "tile_stride": 64,
-    "progress_bar_cmd": tqdm,
-    "output_type": "pil",
-    "guidance": None,  # a registered guider's name (or a guider); None = the pipeline's
-    "sampler": None,  # a registered sampler's name (or a sampler); None = the pipeline's
-}
-OUTPUT_TYPES = ("pil", "np", "latent")
+
+class LoopParams(CallParams):
+    """Call parameters of the generic loop (DiffSynth-Studio's names, meanings and defaults)."""
+
+    prompt: str = param("", "what the image shows")
+    negative_prompt: str = param("", "what it should not show (the negative side of guidance)")
+    cfg_scale: float = param(4.0, "guidance scale; 1 skips the negative pass", ge=0)
+    height: int = param(1328, "image height in pixels, a multiple of 16", gt=0)
+    width: int = param(1328, "image width in pixels, a multiple of 16", gt=0)
+    seed: int | None = param(None, "random seed (None: a random one, recorded)", ge=0, le=2**64 - 1)
+    rand_device: str = param("cpu", "device the initial noise is drawn on (cpu matches DiffSynth everywhere)")
+    num_inference_steps: int = param(30, "denoising steps", ge=1)
+    denoising_strength: float = param(1.0, "how much of input_image to redraw (1: all)", ge=0, le=1)
+    exponential_shift_mu: float | None = param(None, "schedule shift μ (None: from the image size)")
+    tiled: bool = param(False, "encode and decode the VAE in tiles (less memory)")
+    tile_size: int | tuple[int, int] = param(128, "VAE tile size in latent pixels")
+    tile_stride: int | tuple[int, int] = param(64, "VAE tile stride in latent pixels")
+    progress_bar_cmd: Opaque = param(tqdm, "progress bar around the steps (lambda x: x silences it)",
+                                     kind="callable")  # fmt: skip
+    output_type: Literal["pil", "np", "latent"] = param("pil", "pil image, float array (H, W, C) or latents")
+    guidance: str | Opaque | None = param(None, "guider by name (cfg, cfg-renorm; None: the pipeline's)")
+    sampler: str | Opaque | None = param(None, "sampler by name (euler, heun; None: the pipeline's)")
+
+
+#: The loop's parameters with their defaults.
+BASE_PARAMS: dict[str, Any] = {k: f.default for k, f in LoopParams.model_fields.items()}
 SIDES = ("positive", "negative")
 #: Part kind → the registered name a pipeline uses when none is chosen.
 DEFAULT_PARTS = {"guider": "cfg", "sampler": "euler", "step_runner": "batched"}
@@ -133,6 +139,10 @@ class Pipeline:
         vae, dit = self.components.get("vae"), self.components.get("dit")
         return int(getattr(vae, "scale_factor", 8)) * int(getattr(dit, "patch_size", 2))
 
+    def declarations(self) -> list[type[CallParams]]:
+        """The parameter declarations of the loop and of every injector, in call order."""
+        return [LoopParams, *(inj.Params for inj in self.injectors)]
+
     def parameters(self) -> dict[str, Any]:
         """Every call parameter this pipeline accepts, with its default."""
         params = dict(BASE_PARAMS)
@@ -140,6 +150,10 @@ class Pipeline:
             params.update(inj.params)
         params.update(self.defaults)
         return params
+
+    def parameter_specs(self) -> list[dict[str, Any]]:
+        """``[{name, type (JSON schema), default, description, required, kind}]`` of every call parameter."""
+        return specs(self.declarations(), self.defaults)
 
     def part(self, kind: str, spec: Any) -> Any:
         """A loop part: ``spec`` itself, or the registered ``kind`` of that name, built with no arguments."""
@@ -193,7 +207,7 @@ class Pipeline:
             raise InvalidInputError(
                 f"pipeline {self.name!r} does not accept {k!r}.{hint} Accepted: {', '.join(sorted(accepted))}"
             )
-        params = {**accepted, **kwargs}
+        params = validate(self.declarations(), {**accepted, **kwargs})
         self._check_core(params)
         if params["seed"] is None:
             params["seed"] = random.randrange(2**31)
@@ -205,11 +219,8 @@ class Pipeline:
         return state
 
     def _check_core(self, p: dict[str, Any]) -> None:
+        """What the declarations cannot say: the size multiple depends on the loaded models."""
         m = self.size_multiple
-        for side in ("height", "width"):
-            v = p[side]
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InvalidInputError(f"{side} must be a positive integer, got {v!r}")
         h, w = p["height"], p["width"]
         if h % m or w % m:
             hs = sorted({max(m, h // m * m), -(-h // m) * m})
@@ -218,16 +229,6 @@ class Pipeline:
                 f"height and width must be multiples of {m}, got {h}x{w} (HxW); nearest valid heights: "
                 f"{' or '.join(map(str, hs))}, widths: {' or '.join(map(str, ws))}"
             )
-        steps = p["num_inference_steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise InvalidInputError(f"num_inference_steps must be an integer ≥ 1, got {steps!r}")
-        s = p["denoising_strength"]
-        if not isinstance(s, (int, float)) or not 0.0 <= float(s) <= 1.0:
-            raise InvalidInputError(f"denoising_strength must be in [0, 1], got {s!r}")
-        if p["output_type"] not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type must be one of {OUTPUT_TYPES}, got {p['output_type']!r}")
-        if not isinstance(p["cfg_scale"], (int, float)):
-            raise InvalidInputError(f"cfg_scale must be a number, got {p['cfg_scale']!r}")
 
     def _run(self, state: RunState) -> Any:
         p = state.params

@@ -18,6 +18,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from qi_core.params import CallParams, undeclared
+
 if TYPE_CHECKING:
     import torch
 
@@ -103,7 +105,17 @@ class Injector:
     """
 
     name: str = ""
-    params: dict[str, Any] = {}  # call parameters consumed, with defaults
+    #: The call parameters it consumes, declared (type, default, constraints, description, kind); see
+    #: :mod:`qi_core.params`. ``params`` is derived from it: {name: default}.
+    Params: type[CallParams] = CallParams
+    params: dict[str, Any] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Params" in cls.__dict__:
+            cls.params = {k: f.default for k, f in cls.Params.model_fields.items()}
+        elif "params" in cls.__dict__:  # an undeclared {name: default} dict: any value, no description
+            cls.Params = undeclared(f"{cls.__name__}Params", cls.params)
 
     def validate(self, pipe: Pipeline, state: RunState) -> None:
         """Check the call parameters; raise :class:`qi_core.errors.InvalidInputError`."""

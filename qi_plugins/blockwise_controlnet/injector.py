@@ -16,6 +16,7 @@ from PIL import Image
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
+from qi_core.params import CallParams, Entries, param
 from qi_core.protocols import Injector
 from qi_plugins.blockwise_controlnet.inputs import ControlNetInput, active, as_controlnet_inputs
 
@@ -52,7 +53,11 @@ class ControlResidual:
 
 class BlockwiseControlNetInjector(Injector):
     name = "blockwise-controlnet"
-    params = {"blockwise_controlnet_inputs": None}
+
+    class Params(CallParams):
+        blockwise_controlnet_inputs: Entries = param(
+            None, "control inputs: ControlNetInput(image=, scale=, start=, end=, controlnet_id=, inpaint_mask=) "
+            "or dicts with those fields", kind="entries")  # fmt: skip
 
     def validate(self, pipe, state) -> None:
         inputs = as_controlnet_inputs(state.params["blockwise_controlnet_inputs"])

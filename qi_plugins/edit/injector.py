@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
+from qi_core.params import CallParams, ImageList, param
 from qi_core.protocols import ImageSegment, Injector
 from qi_plugins.edit.training import check_metadata_form, load_edit_image
 from qi_plugins.edit.vision import IMAGE_TOKEN
@@ -77,13 +78,19 @@ class TracedProcessor:
 
 class EditImage(Injector):
     name = "edit-image"
-    params = {
-        "edit_image": None,  # PIL image (Qwen-Image-Edit template) or list of images (Edit-2509/2511)
-        "edit_image_auto_resize": True,  # resize each to ~1024² pixels, sides multiples of 32
-        "edit_rope_interpolation": False,  # Lowres-Fix: edit positions sampled from the target grid
-        "zero_cond_t": False,  # Edit-2511: edit tokens modulated with the t = 0 embedding
-        "edit_image_form": None,  # "single" / "list": the form training metadata must give (recipe default)
-    }
+
+    class Params(CallParams):
+        edit_image: ImageList = param(
+            None, "image to edit, or a list of images (Edit-2509/2511)", kind="images"
+        )
+        edit_image_auto_resize: bool = param(True, "resize each edit image to about 1024² pixels")
+        edit_rope_interpolation: bool = param(False, "place edit images on the target's position grid "
+                                              "(Lowres-Fix)")  # fmt: skip
+        zero_cond_t: bool = param(False, "modulate edit-image tokens with the t = 0 embedding (Edit-2511)")
+        edit_image_form: Literal["single", "list"] | None = param(
+            None, "the form training metadata must give edit_image in (set by the recipe)"
+        )
+
     file_loaders = {"edit_image": load_edit_image}  # qi train: the column's files, marked as metadata
 
     def validate(self, pipe, state) -> None:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
+from qi_core.params import CallParams, ImageList, param
 from qi_core.protocols import Injector, TextSegment
 
 ENTITY_MAX_TOKENS = (
@@ -35,7 +36,12 @@ ENTITY_MAX_TOKENS = (
 
 class EliGen(Injector):
     name = "eligen"
-    params = {"eligen_entity_prompts": None, "eligen_entity_masks": None, "eligen_enable_on_negative": False}
+
+    class Params(CallParams):
+        eligen_entity_prompts: list[str] | None = param(None, "a list of strings: one prompt per region (entity)")
+        eligen_entity_masks: ImageList = param(None, "one mask per entity prompt, white = its region; the output's "
+                                            "aspect ratio", kind="masks")  # fmt: skip
+        eligen_enable_on_negative: bool = param(False, "also apply the regions on the negative side")
 
     def validate(self, pipe, state) -> None:
         p = state.params

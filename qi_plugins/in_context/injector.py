@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
+from qi_core.params import CallParams, ImageInput, param
 from qi_core.protocols import ImageSegment, Injector
 
 PROMPT_PREFIX = "Context_Control. "  # DiffSynth-Studio's In-Context-Control-Union example and training data
@@ -14,7 +15,10 @@ PROMPT_PREFIX = "Context_Control. "  # DiffSynth-Studio's In-Context-Control-Uni
 
 class ContextImage(Injector):
     name = "context-image"
-    params = {"context_image": None}
+
+    class Params(CallParams):
+        context_image: ImageInput = param(None, "control image (canny, depth, pose, …) the output follows",
+                                     kind="image")  # fmt: skip
 
     def validate(self, pipe, state) -> None:
         if state.params["context_image"] is not None:

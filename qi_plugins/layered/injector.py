@@ -18,6 +18,7 @@ from PIL import Image
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
+from qi_core.params import CallParams, ImageInput, param
 from qi_core.protocols import ImageSegment, Injector
 from qi_plugins.layered.training import load_rgba
 
@@ -26,7 +27,12 @@ CONTEXT_INJECTOR = "context-image"  # the in-context plugin's injector; owns con
 
 class LayeredInjector(Injector):
     name = "layered"
-    params = {"layer_num": None, "layer_input_image": None, "context_image": None}
+
+    class Params(CallParams):
+        layer_num: int | None = param(None, "number of RGBA layers to decompose into", ge=0)
+        layer_input_image: ImageInput = param(None, "the RGB(A) image to split into layers", kind="image")
+        context_image: ImageInput = param(None, "control image for Layered-Control", kind="image")
+
     # qi train: the target frames (composite, then layers) and the input keep their alpha channel
     file_loaders = {"image": load_rgba, "layer_input_image": load_rgba}
 

@@ -10,17 +10,21 @@ from PIL import Image
 
 from qi_core.errors import InvalidInputError
 from qi_core.images import gaussian_blur, image_to_tensor, load_image
+from qi_core.params import CallParams, ImageInput, param
 from qi_core.protocols import Injector
 
 
 class InputImage(Injector):
     name = "input-image"
-    params = {
-        "input_image": None,
-        "inpaint_mask": None,
-        "inpaint_blur_size": None,
-        "inpaint_blur_sigma": None,
-    }
+
+    class Params(CallParams):
+        input_image: ImageInput = param(None, "image to start from (img2img); its size must be the output size",
+                                   kind="image")  # fmt: skip
+        inpaint_mask: ImageInput = param(
+            None, "white = the part of input_image to redraw (inpainting)", kind="mask"
+        )
+        inpaint_blur_size: int | None = param(None, "radius of the Gaussian blur softening the mask", ge=0)
+        inpaint_blur_sigma: float | None = param(None, "sigma of the Gaussian blur softening the mask", ge=0)
 
     def validate(self, pipe, state) -> None:
         p = state.params
