@@ -140,10 +140,17 @@ class Conditioning:
 
 
 def cache_signature(path: str | os.PathLike) -> tuple:
-    """Shapes that must agree for two cached samples to share a batch (text lengths are padded)."""
+    """Shapes that must agree for two cached samples to share a batch (text lengths are padded). Reads the
+    header only, and checks it is a cache file, so a wrong folder fails before training starts."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
+        if json.loads((f.metadata() or {}).get("qi", "{}")).get("format") != FORMAT:
+            raise InvalidInputError(
+                f"{path} is not a qi training cache file ({FORMAT}); without --dataset_metadata_path, "
+                "--dataset_base_path must be the --output_path of a --task X:data_process run (pass "
+                "--dataset_metadata_path to train from a raw dataset)"
+            )
         return tuple(
             (k, tuple(f.get_slice(k).get_shape()))
             for k in sorted(f.keys())  # noqa: SIM118

@@ -15,6 +15,7 @@ resized to the training size like the seed's ``ImageCropAndResize``). A plugin w
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -37,6 +38,10 @@ class BadRowError(ImageReadError):
         super().__init__(
             f"{where}: column {key!r}: {reason}. Fix the row, or pass --skip_bad_rows to skip such rows"
         )
+
+
+class MissingColumnError(InvalidInputError):
+    """The metadata file has no column of a name the run needs (every row lacks it)."""
 
 
 # -- sizes and resizing --------------------------------------------------------------------------------------
@@ -166,6 +171,25 @@ def read_metadata(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     raise InvalidInputError(f"dataset metadata must be .csv, .json or .jsonl, got {name!r}")
 
 
+def check_columns(rows: list[tuple[str, dict[str, Any]]], name: str, needed: Sequence[str], why: str) -> None:
+    """Fail when no row of the metadata file ``name`` has a column of ``needed`` (a wrong header or key), naming
+    the missing columns and the ones found: row by row this would read as an empty value in the first row."""
+    found = list(dict.fromkeys(k for _, row in rows for k in row))
+    missing = [c for c in needed if c not in found]
+    if not missing or not rows:
+        return
+    hints = []
+    for c in missing:
+        close = difflib.get_close_matches(c, found, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"{close[0]!r} → {c!r}")
+    hint = f" (e.g. {', '.join(hints)})" if hints else ""
+    raise MissingColumnError(
+        f"{name} has no column{'s' if len(missing) > 1 else ''} {', '.join(repr(c) for c in missing)} ({why}); "
+        f"its columns are {', '.join(repr(c) for c in found) or '(none)'}. Rename the column(s) in the file{hint}"
+    )
+
+
 def inside(base: Path, value: str) -> Path | None:
     """``base/value`` when it stays inside ``base`` (lexically: symlinked datasets are fine), else None."""
     full = Path(os.path.normpath(base / value))
@@ -177,6 +201,10 @@ def inside(base: Path, value: str) -> Path | None:
 class MetadataDataset:
     """Rows of a metadata file; ``dataset[i]`` loads row ``i % rows`` (``repeat`` passes per epoch).
 
+    ``required``: columns every row needs a value in; ``columns``: columns the run reads (``--extra_inputs``).
+    A file without one of them at all fails up front, naming the columns it has (a misspelt header), before any
+    row is checked.
+
     An item is the row's dict with file columns replaced by loaded values, plus ``"_where"`` (the row's name).
     ``bucket(i)`` is the training size of every file column (samples with equal buckets can share a batch).
     """
@@ -184,7 +212,7 @@ class MetadataDataset:
     def __init__(self, base_path: str | os.PathLike, metadata_path: str | os.PathLike,
                  file_keys: Sequence[str] = ("image", "video"), *, repeat: int = 1,
                  size: SizeSpec = SizeSpec(), required: Sequence[str] = (), skip_bad_rows: bool = False,
-                 loaders: dict[str, FileLoader] | None = None):  # fmt: skip
+                 loaders: dict[str, FileLoader] | None = None, columns: Sequence[str] = ()):  # fmt: skip
         self.base = Path(base_path)
         if not self.base.is_dir():
             raise InvalidInputError(f"--dataset_base_path {str(self.base)!r} is not a folder")
@@ -195,7 +223,10 @@ class MetadataDataset:
         self.rows: list[tuple[str, dict[str, Any]]] = []
         self.buckets: list[tuple] = []
         self.skipped: list[BadRowError] = []
-        for where, row in read_metadata(metadata_path):
+        rows = read_metadata(metadata_path)
+        check_columns(rows, Path(metadata_path).name, required, "needed by the training task")
+        check_columns(rows, Path(metadata_path).name, columns, "named in --extra_inputs")
+        for where, row in rows:
             try:
                 self.buckets.append(self._check(where, row, required))
                 self.rows.append((where, row))

@@ -109,6 +109,7 @@ def train(
 
     if isinstance(args, dict):
         args = make_args(**args)
+    check_dataset(args)  # before any model loads
     task = get_task(args, task)
     acc = make_accelerator(args)
     device = acc.device
@@ -117,12 +118,50 @@ def train(
     load_device = torch.device("cpu") if args.initialize_model_on_cpu else device
     pipe = load_pipeline(args, stage_roles(args, recipe), load_device, dtype)
     out = Path(args.output_path)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "training_args.json").write_text(json.dumps(args.model_dump(), indent=1))
+    # nothing is written to `out` until the arguments and the data are checked (write_run_files)
     if args.stage == "data_process":
         return _data_process(args, acc, pipe, task, out)
     return _Run(args, acc, pipe, task, out, lora_files).run()
+
+
+def check_dataset(args: TrainArgs) -> None:
+    """The dataset must be named: a metadata file, or (no metadata: split training's second stage) the cache
+    folder. An empty ``--dataset_base_path`` would otherwise make the current folder the cache, and every
+    ``.safetensors`` below it (downloaded models too) a training sample."""
+    meta, base = args.dataset_metadata_path, args.dataset_base_path
+    if meta is None:
+        if args.stage == "data_process":
+            raise InvalidInputError(
+                f"--task {args.task} encodes a raw dataset: pass --dataset_metadata_path (a .csv/.json/.jsonl) "
+                "and --dataset_base_path (the folder its file paths are relative to)"
+            )
+        if not base:
+            raise InvalidInputError(
+                "no dataset given: pass --dataset_metadata_path (a .csv/.json/.jsonl) and --dataset_base_path "
+                f"(the folder its file paths are relative to); for split training's second stage (--task "
+                f"{args.task_name}:train), pass --dataset_base_path set to the --output_path of the "
+                f"--task {args.task_name}:data_process run"
+            )
+        if not Path(base).is_dir():
+            raise InvalidInputError(
+                f"--dataset_base_path {base!r} (the cache of --task {args.task_name}:data_process, as no "
+                "--dataset_metadata_path is given) is not a folder"
+            )
+        return
+    if not Path(meta).is_file():
+        raise InvalidInputError(f"--dataset_metadata_path {meta!r} does not exist (a .csv/.json/.jsonl file)")
+    if base and not Path(base).is_dir():
+        raise InvalidInputError(
+            f"--dataset_base_path {base!r} is not a folder (the folder the metadata's file paths are relative to)"
+        )
+
+
+def write_run_files(args: TrainArgs, acc: Any, out: Path) -> None:
+    """``training_args.json`` in the output folder, once the run is about to start (arguments and data checked),
+    so that a run refused for bad input leaves no files behind."""
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training_args.json").write_text(json.dumps(args.model_dump(), indent=1))
 
 
 def _encoder(args: TrainArgs, pipe: Any, task: Any):
@@ -149,7 +188,7 @@ def _dataset(args: TrainArgs, task: Any, pipe: Any) -> Any:
     return MetadataDataset(
         args.dataset_base_path, args.dataset_metadata_path, TrainArgs.split(args.data_file_keys),
         repeat=args.dataset_repeat, size=size, required=getattr(task, "required_columns", ("image",)),
-        skip_bad_rows=args.skip_bad_rows, loaders=loaders,
+        skip_bad_rows=args.skip_bad_rows, loaders=loaders, columns=TrainArgs.split(args.extra_inputs),
     )  # fmt: skip
 
 
@@ -163,10 +202,9 @@ def _data_process(args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path) ->
     """Stage 1 of split training: encode every sample once and save it (``<output>/<rank>/<i>.safetensors``)."""
     from tqdm.auto import tqdm
 
-    if args.dataset_metadata_path is None:
-        raise InvalidInputError("--task …:data_process needs --dataset_metadata_path (the raw dataset)")
-    dataset = _dataset(args, task, pipe)
+    dataset = _dataset(args, task, pipe)  # check_dataset made sure there is a metadata file
     encode = _encoder(args, pipe, task)
+    write_run_files(args, acc, out)
     mine = [[i] for i in range(acc.process_index, len(dataset), acc.num_processes)]
     folder = out / str(acc.process_index)
     files = []
@@ -289,6 +327,7 @@ class _Run:
 
         args, acc = self.args, self.acc
         rank = acc.process_index
+        write_run_files(args, acc, self.out)
         log = MetricsLog(self.out, enabled=acc.is_main_process, resume_step=self.result.global_step)
         # every epoch has the same number of steps (the buckets do not change); plans are made one at a time
         total = len(epoch_plan(self.buckets, self.spec, 0)) * args.num_epochs

@@ -12,6 +12,9 @@ in the template             becomes (NAME = ``my-variant``)  where
 ``example-karras``          ``my-variant-karras``            the registered schedule
 ``example``                 ``my_variant``                   entry-point name, ``NAME``, QI_DISABLE_PLUGINS
 ==========================  ===============================  =====================================
+
+A name already taken is refused (:func:`check_name_free`): the rendered plugin would not load, or would not
+register its recipe, next to the plugin owning it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,48 @@ def plugin_names(name: str) -> tuple[str, str]:
     return n.replace("_", "-"), n.replace("-", "_")
 
 
+def check_name_free(name: str) -> None:
+    """Refuse a plugin name whose entry point, distribution, recipe or schedule name is taken by an installed
+    plugin (qi's own included). Entry-point names compare with '-' == '_', as the plugin host does."""
+    import importlib.metadata as md
+
+    from qi_core.plugin_host import ENTRY_POINT_GROUP, PluginInfo, host, normal_name, owner
+
+    hyphenated, underscored = plugin_names(name)
+    taken = None
+    for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        if normal_name(ep.name) == underscored:
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(ep.name, dist.metadata["Name"] if dist else None, dist.version if dist else None,
+                              ep.value)  # fmt: skip
+            taken = f"{owner(info)} has the entry point {ep.name!r} ('-' and '_' count as the same)"
+            break
+    if taken is None:
+        try:
+            dist = md.distribution(f"qi-plugin-{hyphenated}")
+            taken = f"the distribution {dist.metadata['Name']} {dist.version} is installed"
+        except md.PackageNotFoundError:
+            pass
+    if taken is None:
+        registry = host().registry
+        for kind, derived in (
+            ("pipeline", f"qwen-image-{hyphenated}"),
+            ("scheduler", f"{hyphenated}-karras"),
+        ):
+            if derived in registry.names(kind):
+                who = registry.get(kind, derived).plugin
+                taken = (
+                    f"{owner(host().plugins.get(who), who)} registers the {kind} {derived!r}, the new "
+                    f"plugin's {kind} name"
+                )
+                break
+    if taken is not None:
+        raise InvalidInputError(
+            f"plugin name {name!r} is taken: {taken}; a plugin of that name would clash with it (see "
+            f"`qi plugins`). Pick another name, e.g. 'my-{hyphenated}'"
+        )
+
+
 def render_text(text: str, hyphenated: str, underscored: str) -> str:
     for old, new in (
         (f"qi-plugin-{TEMPLATE_NAME}", f"qi-plugin-{hyphenated}"),
@@ -59,6 +104,7 @@ def render_text(text: str, hyphenated: str, underscored: str) -> str:
 def render(name: str, dest: str | Path, *, source: Path | None = None, force: bool = False) -> list[Path]:
     """Write the renamed template into ``dest`` (which must be empty unless ``force``); returns the files."""
     hyphenated, underscored = plugin_names(name)
+    check_name_free(name)
     src, dest = Path(source or template_dir()), Path(dest)
     if not (src / "pyproject.toml").is_file():
         raise InvalidInputError(f"the plugin template is missing at {src} (a broken qi installation?)")

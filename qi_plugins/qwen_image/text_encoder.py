@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from qi_core.errors import ModelLoadError
-from qi_core.loading import component_folder
+from qi_core.loading import check_safetensors, component_folder
 from qi_core.protocols import TextSegment
 
 # Official templates (diffusers QwenImagePipeline / DiffSynth QwenImageUnit_PromptEmbedder).
@@ -20,6 +21,10 @@ T2I_TEMPLATE = (
 )
 T2I_DROP = 34  # tokens of the T2I system prefix, removed from the embedding
 MAX_TOKENS = 4096  # prompt tokens kept after the prefix (DiffSynth's limit; diffusers uses 1024)
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt was longer than the text encoder's token limit; its end was dropped."""
 
 
 class QwenTextEncoder:
@@ -39,10 +44,22 @@ class QwenTextEncoder:
     def tokenize(
         self, prompt: str, template: str = T2I_TEMPLATE, drop: int = T2I_DROP, max_tokens: int = MAX_TOKENS
     ):
-        return self.tokenizer(
-            [template.format(prompt)], max_length=max_tokens + drop, padding=True, truncation=True,
-            return_tensors="pt",
-        )  # fmt: skip
+        """The templated prompt's tokens, cut to ``max_tokens`` after the ``drop``-token prefix (the official
+        pipelines' ``max_length``), with a :class:`PromptTruncatedWarning` when anything was cut."""
+        text = [template.format(prompt)]
+        limit = max_tokens + drop
+        enc = self.tokenizer(text, max_length=limit, padding=True, truncation=True, return_tensors="pt")
+        if enc["input_ids"].shape[1] >= limit:  # at the limit: count once more, uncut, to say what was lost
+            total = len(self.tokenizer(text, truncation=False)["input_ids"][0])
+            if total > limit:
+                warnings.warn(
+                    f"prompt too long for the text encoder: {total - drop} tokens after the {drop}-token "
+                    f"template prefix, limit {max_tokens}; the last {total - limit} tokens were dropped (the "
+                    "end of the prompt and the template's closing tokens). Shorten the prompt to keep all of it",
+                    PromptTruncatedWarning,
+                    stacklevel=2,
+                )
+        return enc
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None,
@@ -83,6 +100,8 @@ def load_text_encoder(root: Path, folder: Path, device: Any = "cpu", dtype: torc
         processor = _load_processor(root / processor_subfolder)
     from transformers.utils import logging as hf_logging
 
+    for f in sorted(folder.glob("*.safetensors")):  # transformers would raise a bare SafetensorError
+        check_safetensors(f)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per pipeline is enough (qi.compose shows it)
     try:

@@ -75,20 +75,24 @@ def run_validate(ns: argparse.Namespace) -> int:
     import qi_core as qi
     from qi_core.cli import save_png
     from qi_core.errors import InvalidInputError
-    from qi_plugins.sft.validate import load_trained, resolve_checkpoint
+    from qi_plugins.sft.validate import checkpoint_keys, load_trained, require_lora, resolve_checkpoint
 
     if not (ns.checkpoint or ns.lora or ns.dit_weights):
         raise InvalidInputError(
             "qi validate needs --checkpoint, --lora or --dit-weights (what training saved)"
         )
+    # every file is checked before the pipeline is built (minutes for a real model) and before anything is written
+    checkpoints = [resolve_checkpoint(given) for given in ns.checkpoint]
+    for path in checkpoints + ([Path(ns.dit_weights)] if ns.dit_weights else []):
+        checkpoint_keys(path)
+    paths = checkpoints + [require_lora(given) for given in ns.lora]
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
         ns.dtype
     ]
     pipe = qi.compose(ns.pipeline, model=ns.model, device=device, torch_dtype=dtype)
     loaded = []
-    for given in ns.checkpoint + ns.lora:
-        path = resolve_checkpoint(given)
+    for path in paths:
         kind = load_trained(pipe, path, role=ns.role, scale=ns.lora_scale, strip_prefix=ns.strip_prefix)
         loaded.append(f"{kind}:{Path(path).name}")
     if ns.dit_weights:

@@ -46,8 +46,42 @@ def resolve_checkpoint(checkpoint: str | Path) -> Path:
     return latest_checkpoint(path) if path.is_dir() else path
 
 
+# the key parts of every LoRA layout qi reads (diffsynth/peft: lora_A/lora_B, kohya/comfyui: lora_down/lora_up)
+LORA_KEY_PARTS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.")
+
+
 def is_lora(keys: Any) -> bool:
-    return any(".lora_A." in k or ".lora_down." in k or k.endswith(".lora_A.weight") for k in keys)
+    return any(part in k for k in keys for part in LORA_KEY_PARTS)
+
+
+def checkpoint_keys(path: str | Path) -> list[str]:
+    """The tensor names of a ``.safetensors`` file (its header only: nothing is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own error types for a file that is not safetensors
+        raise InvalidInputError(f"{path} cannot be read as a .safetensors file ({e})") from None
+
+
+def require_lora(checkpoint: str | Path) -> Path:
+    """``checkpoint`` resolved to a file, checked to be a LoRA before any model is built (``--lora``)."""
+    path = resolve_checkpoint(checkpoint)
+    keys = checkpoint_keys(path)
+    if not is_lora(keys):
+        more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+        shown = ", ".join(repr(k) for k in keys[:3]) + more
+        raise InvalidInputError(
+            f"--lora {checkpoint}: {path.name} is not a LoRA: none of its {len(keys)} keys is a lora_A/lora_B/"
+            f"lora_down/lora_up weight (found {shown or 'no keys'}). If it holds full weights (saved by "
+            f"--trainable_models), validate it with --dit-weights {path} (or --checkpoint {path}, which tells "
+            "LoRA and full weights apart)"
+        )
+    return path
 
 
 def load_trained(pipe: Any, checkpoint: str | Path, *, role: str = "dit", scale: float = 1.0,
