@@ -36,8 +36,12 @@ def _plugins(args: argparse.Namespace) -> int:
 
 def _pipelines(args: argparse.Namespace) -> int:
     from qi_core import pipelines
+    from qi_core.composer import describe
     from qi_core.plugin_host import host
 
+    if args.json:
+        print(json.dumps([describe(r) for r in pipelines()], indent=2, ensure_ascii=False))
+        return 0
     reg = host().registry
     for r in pipelines():
         plugin = reg.get("pipeline", r.name).plugin
@@ -78,6 +82,7 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
+    from qi_core.composer import check_call
     from qi_core.devices import check_device, check_seed, default_device
 
     # Everything the user typed is checked before the model loads: a bad --out must not cost a generation.
@@ -87,8 +92,6 @@ def _generate(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
         args.dtype
     ]
-    pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
-                      adapters=args.adapter or (), memory=args.memory)  # fmt: skip
     call: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed}
     for key, value in (("num_inference_steps", args.steps), ("cfg_scale", args.cfg_scale),
                        ("height", args.height), ("width", args.width)):  # fmt: skip
@@ -99,6 +102,9 @@ def _generate(args: argparse.Namespace) -> int:
         call["denoising_strength"] = args.strength
     if args.inpaint_mask:
         call["inpaint_mask"] = args.inpaint_mask
+    check_call(args.pipeline, call)  # values against the declarations (e.g. --cfg-scale nan), before loading
+    pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
+                      adapters=args.adapter or (), memory=args.memory)  # fmt: skip
     settings = {**pipe.parameters(), **call}
     if settings["seed"] is None:
         import random
@@ -144,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plugins)
 
-    sub.add_parser("pipelines", help="list pipelines (recipes)").set_defaults(func=_pipelines)
+    pl = sub.add_parser("pipelines", help="list pipelines (recipes)")
+    pl.add_argument("--json", action="store_true", help="machine-readable: each pipeline with its parameters")
+    pl.set_defaults(func=_pipelines)
 
     t = sub.add_parser("make-tiny-model", help="write a tiny random model in the official layout")
     t.add_argument("dir")

@@ -38,10 +38,9 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     """
     import torch
 
+    from qi_core.devices import check_device
     from qi_core.loading import component_folder, component_source, loading_policy, resolve_model_root
     from qi_core.pipeline import Pipeline
-
-    from qi_core.devices import check_device
 
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
@@ -108,7 +107,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
                 comp.set_attention(backend)
     pipe = Pipeline(name, components, scheduler, injectors, device=device, dtype=dtype,
                     defaults=dict(recipe.defaults), memory=policies, model=os.fspath(source),
-                    **parts)  # fmt: skip
+                    required=recipe.required, **parts)  # fmt: skip
     for a in (*recipe.adapters, *adapters):
         adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
         adapter.apply(pipe)
@@ -155,6 +154,43 @@ def tiny_model(recipe: Any) -> Path:
         build = Entry("pipeline", recipe.name, recipe.tiny, "").load()
         build(folder, seed=0, overwrite=True)
     return folder
+
+
+def declarations(recipe: Any) -> list[Any]:
+    """The call-parameter declarations of a recipe (the loop's, then its injectors'), without loading weights."""
+    from qi_core.pipeline import LoopParams
+
+    reg = host().registry
+    out = [LoopParams]
+    for name in recipe.injectors:
+        factory = reg.get("injector", name).load()
+        out.append(getattr(factory, "Params", None) or factory().Params)
+    return out
+
+
+def describe(recipe: Any) -> dict[str, Any]:
+    """A recipe as ``qi pipelines --json`` lists it: name, description, plugin, default model, whether it has a
+    built-in tiny model, and every call parameter (``qi_core.params.specs``)."""
+    from qi_core.params import specs
+
+    return {
+        "name": recipe.name,
+        "description": recipe.description,
+        "plugin": host().registry.get("pipeline", recipe.name).plugin,
+        "default_model": recipe.model,
+        "tiny": recipe.tiny is not None,
+        "guidance": recipe.guidance,
+        "sampler": recipe.sampler,
+        "parameters": specs(declarations(recipe), recipe.defaults, recipe.required),
+    }
+
+
+def check_call(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate call parameters for pipeline ``name`` before anything loads (the command line does this)."""
+    from qi_core.params import validate
+
+    recipe = host().registry.get("pipeline", name).load()
+    return validate(declarations(recipe), {**dict(recipe.defaults), **values})
 
 
 def get_scheduler(name: str) -> Any:

@@ -103,7 +103,7 @@ class Pipeline:
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  defaults: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
                  model: str | None = None, guider: Any = None, sampler: Any = None,
-                 step_runner: Any = None):  # fmt: skip
+                 step_runner: Any = None, required: Iterable[str] = ()):  # fmt: skip
         self.name = name
         self.components = dict(components)
         self.scheduler = scheduler
@@ -113,6 +113,7 @@ class Pipeline:
         self.memory = memory
         self.model = model
         self.adapters: list[Any] = []
+        self.required = tuple(required)  # call parameters a call must give (the recipe's)
         self.tracer: Callable[[str, torch.Tensor], None] | None = None  # sees every intermediate tensor
         # registered parts of the loop (objects, or names resolved on first use)
         self.guider = guider if guider is not None else DEFAULT_PARTS["guider"]
@@ -153,7 +154,7 @@ class Pipeline:
 
     def parameter_specs(self) -> list[dict[str, Any]]:
         """``[{name, type (JSON schema), default, description, required, kind}]`` of every call parameter."""
-        return specs(self.declarations(), self.defaults)
+        return specs(self.declarations(), self.defaults, self.required)
 
     def part(self, kind: str, spec: Any) -> Any:
         """A loop part: ``spec`` itself, or the registered ``kind`` of that name, built with no arguments."""
@@ -177,6 +178,9 @@ class Pipeline:
         self.step_runner = self.part("step_runner", self.step_runner)
         return self.step_runner
 
+    def describe_param(self, name: str) -> str:
+        return next((p["description"] for p in self.parameter_specs() if p["name"] == name), "")
+
     def injector(self, name: str) -> Injector | None:
         return next((i for i in self.injectors if i.name == name), None)
 
@@ -192,6 +196,12 @@ class Pipeline:
     def __call__(self, prompt: str | None = None, **kwargs: Any) -> Any:
         if prompt is not None:
             kwargs["prompt"] = prompt
+        missing = [k for k in self.required if kwargs.get(k, self.defaults.get(k)) is None]
+        if missing:
+            raise InvalidInputError(
+                f"pipeline {self.name!r} needs {missing[0]} ({self.describe_param(missing[0])}); pass "
+                f"{missing[0]}=..."
+            )
         state = self.new_state(kwargs)
         with torch.inference_mode():
             return self._run(state)

@@ -35,3 +35,4 @@ class Recipe:
     tiny: str | None = None  # "module:function(out_dir, seed=0)" writing a tiny random model (model="tiny")
     guidance: str = "cfg"  # registered guider used unless compose/the call picks another
     sampler: str = "euler"  # registered sampler used unless compose/the call picks another
+    required: tuple[str, ...] = ()  # call parameters a call must give (e.g. the image an edit model edits)

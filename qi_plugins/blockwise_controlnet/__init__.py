@@ -52,6 +52,7 @@ def qi_register_pipelines(register):
                 },
                 scheduler="qwen-image",
                 injectors=("input-image", "blockwise-controlnet"),
+                required=("blockwise_controlnet_inputs",),
                 defaults=defaults,
                 model="Qwen/Qwen-Image",
                 model_ids=(hub_id,),

@@ -40,6 +40,7 @@ def recipes(with_lora: bool) -> list[Recipe]:
             components=COMPONENTS,
             scheduler="qwen-image",
             injectors=INJECTORS,
+            required=("edit_image",),
             adapters=adapters,
             # DiffSynth-Studio's call defaults, plus what defines the variant
             defaults={

@@ -53,6 +53,7 @@ def qi_register_pipelines(register):
             },
             scheduler="qwen-image",
             injectors=("input-image", "context-image", "context-control-prefix"),
+            required=("context_image",),
             adapters=("in-context-lora",),
             defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1024, "width": 1024,
                       "negative_prompt": NEGATIVE_PROMPT_ZH},

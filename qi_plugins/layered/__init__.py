@@ -47,6 +47,7 @@ def qi_register_pipelines(register):
             },
             scheduler="qwen-image",
             injectors=("layered",),
+            required=("layer_input_image",),
             # DiffSynth's example: 50 steps, layer_num 3, 864x480 (the input image's size)
             defaults={
                 "num_inference_steps": 50,
@@ -77,6 +78,7 @@ def qi_register_pipelines(register):
             },
             scheduler="qwen-image",
             injectors=("layered",),
+            required=("layer_input_image",),
             # DiffSynth's example: 1024², 30 steps, cfg 4, one output layer (V2 + mask: 10 steps, cfg 1)
             defaults={
                 "num_inference_steps": 30,

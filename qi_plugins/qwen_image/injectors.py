@@ -42,7 +42,13 @@ class InputImage(Injector):
             )
         state.data[self.name] = {"image": image}
         if p["inpaint_mask"] is not None:
-            state.data[self.name]["mask"] = load_image(p["inpaint_mask"], "inpaint_mask")
+            mask = load_image(p["inpaint_mask"], "inpaint_mask")
+            if mask.size != image.size:
+                raise InvalidInputError(
+                    f"inpaint_mask is {mask.size[0]}x{mask.size[1]} (WxH) but input_image is {image.size[0]}x"
+                    f"{image.size[1]}; the mask marks pixels of the input image, so give it the same size"
+                )
+            state.data[self.name]["mask"] = mask
         for k in ("inpaint_blur_size", "inpaint_blur_sigma"):
             if p[k] is not None and (not isinstance(p[k], (int, float)) or p[k] < 0):
                 raise InvalidInputError(f"{k} must be a non-negative number, got {p[k]!r}")
