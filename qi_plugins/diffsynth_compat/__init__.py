@@ -7,7 +7,8 @@
 ``DIFFSYNTH_MODEL_BASE_PATH``, ``DIFFSYNTH_SKIP_DOWNLOAD``, ``DIFFSYNTH_DOWNLOAD_SOURCE``, ModelScope), picks
 the recipe the variant plugins registered for those model ids and composes it; ``pipe(prompt, ...)`` takes
 DiffSynth's call parameters (plus ``output_type``); ``pipe.load_lora(pipe.dit, path, alpha=...)`` goes through
-the LoRA plugin. The plugin also registers ``qi migrate-diffsynth`` (rewrites that import line).
+the LoRA plugin. ``load_state_dict`` and ``merge_lora`` are the helpers DiffSynth's examples import beside the
+pipeline. The plugin also registers ``qi migrate-diffsynth`` (rewrites those import lines).
 
 Registration is cheap: the pipeline (and torch) load on first attribute access.
 """
@@ -19,12 +20,16 @@ from typing import Any
 from qi_core.hookspecs import hookimpl
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "memory")  # base schedule/model; VRAM settings are memory policies
 
 _LAZY = {
     "QwenImagePipeline": "qi_plugins.diffsynth_compat.pipeline",
     "FlowMatchScheduler": "qi_plugins.diffsynth_compat.pipeline",
     "ModelConfig": "qi_plugins.diffsynth_compat.config",
     "ControlNetInput": "qi_plugins.blockwise_controlnet.inputs",  # the blockwise ControlNet plugin's
+    # helpers DiffSynth's examples import from diffsynth.core / diffsynth / diffsynth.utils.lora
+    "load_state_dict": "qi_plugins.diffsynth_compat.helpers",
+    "merge_lora": "qi_plugins.diffsynth_compat.helpers",
 }
 __all__ = sorted(_LAZY)
 

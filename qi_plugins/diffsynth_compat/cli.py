@@ -11,32 +11,61 @@ import re
 from pathlib import Path
 
 FRONT = "qi_plugins.diffsynth_compat"
-NAMES = {"QwenImagePipeline", "ModelConfig", "ControlNetInput", "FlowMatchScheduler"}
+# what the front provides; DiffSynth's examples import the first four from diffsynth.pipelines.qwen_image (or
+# ModelConfig from diffsynth.core), load_state_dict from diffsynth.core or diffsynth, merge_lora from
+# diffsynth.utils.lora
+NAMES = {
+    "QwenImagePipeline",
+    "ModelConfig",
+    "ControlNetInput",
+    "FlowMatchScheduler",
+    "load_state_dict",
+    "merge_lora",
+}
 _IMPORT = re.compile(
     r"^(?P<indent>\s*)from\s+(?P<module>diffsynth(?:\.[\w.]+)?)\s+import\s+(?P<names>[^#\n]+?)\s*(?P<comment>#.*)?$"
 )
 
 
 def migrate_source(text: str) -> tuple[str, list[tuple[int, str, str]], list[tuple[int, str]]]:
-    """(new text, [(line number, old, new)], [(line number, diffsynth import left as is)])."""
+    """(new text, [(line number, old, new)], [(line number, diffsynth import left as is)]).
+
+    A parenthesised import over several lines counts as one (it becomes one line); one that also imports
+    names the front does not provide is left whole and reported, as is any ``import diffsynth...``.
+    """
     lines = text.splitlines(keepends=True)
+    out: list[str] = []
     changed, left = [], []
-    for i, line in enumerate(lines):
-        m = _IMPORT.match(line.rstrip("\r\n"))
+    i = 0
+    while i < len(lines):
+        line, first = lines[i], i
+        joined = line.rstrip("\r\n")
+        if (
+            re.match(r"^\s*from\s+diffsynth\b[\w.]*\s+import\s*\(", joined)
+            and ")" not in joined.split("#")[0]
+        ):
+            while i + 1 < len(lines) and ")" not in lines[i].split("#")[0]:
+                i += 1  # the rest of a parenthesised import
+            joined = " ".join(part.split("#")[0].strip() for part in lines[first : i + 1])
+        block = "".join(lines[first : i + 1])
+        i += 1
+        m = _IMPORT.match(joined)
         if m is None:
             if re.match(r"^\s*(from|import)\s+diffsynth\b", line):
-                left.append((i + 1, line.rstrip()))
+                left.append((first + 1, block.rstrip()))
+            out.append(block)
             continue
-        names = [n.strip() for n in m["names"].strip("()").split(",") if n.strip()]
+        names = [n.strip() for n in m["names"].strip().strip("()").split(",") if n.strip()]
         if not names or not {n.split(" as ")[0].strip() for n in names} <= NAMES:
-            left.append((i + 1, line.rstrip()))
+            left.append((first + 1, block.rstrip()))
+            out.append(block)
             continue
-        end = line[len(line.rstrip("\r\n")) :]
+        end = block[len(block.rstrip("\r\n")) :]
         comment = f"  {m['comment']}" if m["comment"] else ""
         new = f"{m['indent']}from {FRONT} import {', '.join(names)}{comment}{end}"
-        changed.append((i + 1, line.rstrip(), new.rstrip()))
-        lines[i] = new
-    return "".join(lines), changed, left
+        changed.append((first + 1, block.rstrip(), new.rstrip()))
+        out.append(new)
+    return "".join(out), changed, left
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

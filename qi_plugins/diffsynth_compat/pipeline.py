@@ -2,9 +2,10 @@
 
 DiffSynth has one pipeline whose behaviour follows the loaded weights and the call arguments; qi composes a
 recipe. This class maps one onto the other: ``from_pretrained`` resolves the ``ModelConfig`` s, lets the
-plugins' model ids pick the recipe (:mod:`~qi_plugins.diffsynth_compat.resolve`), stages the files as an
-official model root (:mod:`~qi_plugins.diffsynth_compat.staging`) and composes it; a call uses DiffSynth's
-defaults and, like DiffSynth's all-units pipeline, accepts every parameter some installed injector serves.
+weights (their architecture, :mod:`~qi_plugins.diffsynth_compat.probe`), the given configs and the plugins'
+model ids pick the recipe (:mod:`~qi_plugins.diffsynth_compat.resolve`), stages the files as an official model
+root (:mod:`~qi_plugins.diffsynth_compat.staging`) and composes it; a call uses DiffSynth's defaults and, like
+DiffSynth's all-units pipeline, accepts every parameter some installed injector serves.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from qi_core.loading import ModelConfig as QiModelConfig
 from qi_core.plugin_host import host
 from qi_plugins.diffsynth_compat.config import _POSITIONAL, ModelConfig, default_tokenizer_config
 from qi_plugins.diffsynth_compat.detect import detect_role
+from qi_plugins.diffsynth_compat.helpers import as_lora_state_dict
 from qi_plugins.diffsynth_compat.memory import policy_for, policy_name
+from qi_plugins.diffsynth_compat.probe import PartProbe, taking
 from qi_plugins.diffsynth_compat.resolve import Weights, assign_roles, choose_recipe, folder_hint
 from qi_plugins.diffsynth_compat.staging import stage
 
@@ -79,8 +82,10 @@ class QwenImagePipeline:
         """Load the models like DiffSynth-Studio does.
 
         ``model_configs``: one ``ModelConfig`` per model (DiT, text encoder, VAE, ControlNets in
-        ``controlnet_id`` order …). ``tokenizer_config`` defaults to ``Qwen/Qwen-Image:tokenizer/``;
-        ``processor_config`` (``Qwen/Qwen-Image-Edit:processor/``) is needed by the edit models.
+        ``controlnet_id`` order …), by hub id or by ``path=`` alone: the weights say what they are, and an id no
+        plugin declares (a community fine-tune) loads as its architecture. ``tokenizer_config`` defaults to
+        ``Qwen/Qwen-Image:tokenizer/`` (``None``: the processor folder's tokenizer); ``processor_config``
+        (``Qwen/Qwen-Image-Edit:processor/``) is needed by the edit models and picks a recipe that loads it.
         ``vram_limit`` (GiB) bounds the layers kept resident by the policies the ``*_device``/``*_dtype``
         fields select (see :mod:`~qi_plugins.diffsynth_compat.memory`). qi additions: ``recipe=`` forces a
         pipeline by name, ``downloader=`` replaces the hub client.
@@ -101,7 +106,9 @@ class QwenImagePipeline:
         for i, c in enumerate(configs):
             files = c.files(downloader)
             hint = folder_hint(c.origin_file_pattern if c.model_id else None, files)
-            weights.append(Weights(files, c.model_id if c.path is None else None, hint, c.describe(), i))
+            w = Weights(files, c.model_id if c.path is None else None, hint, c.describe(), i)
+            w.shapes  # noqa: B018 — reads every header now: a truncated file fails here, naming itself
+            weights.append(w)
 
         if tokenizer_config is _DEFAULT_TOKENIZER:
             tokenizer_config = default_tokenizer_config()
@@ -112,14 +119,23 @@ class QwenImagePipeline:
                 cfg = as_model_config(cfg)
                 extra[sub] = cfg.folder(downloader)
                 hints += [cfg.model_id] if cfg.model_id and cfg.path is None else []
+        if "tokenizer" not in extra and "processor" in extra and _has_tokenizer(extra["processor"]):
+            # tokenizer_config=None (DiffSynth's edit examples): the VL processor folder holds the same
+            # Qwen2 tokenizer files, and the text encoder still needs them for prompts without images
+            extra["tokenizer"] = extra["processor"]
 
         reg = host().registry
         if recipe is not None:
             chosen = reg.get("pipeline", recipe).load()
         else:
             ids = [w.model_id for w in weights if w.model_id]
-            roles = {detect_role(w.shapes) for w in weights if w.model_id is None} - {None}
-            chosen = choose_recipe(ids, qi.pipelines(), hints, roles)
+            roles = {detect_role(w.shapes) for w in weights} - {None}
+            probe = PartProbe()
+            try:
+                chosen = choose_recipe(ids, qi.pipelines(), hints, roles, extras=extra,
+                                       taking=lambda pool: taking(pool, weights, probe))  # fmt: skip
+            finally:
+                probe.close()
         by_role = assign_roles(weights, chosen)
         root, overrides = stage(cache_dir() / "diffsynth_compat", chosen, by_role, extra)
 
@@ -131,6 +147,7 @@ class QwenImagePipeline:
         pipe = qi.compose(chosen.name, model=root, device=device, torch_dtype=torch_dtype, memory=memory,
                           components=overrides, downloader=downloader, progress=progress)  # fmt: skip
         pipe.defaults = {}  # DiffSynth has one set of call defaults whatever the weights (cfg 4, 1328², 30 steps)
+        pipe.required = ()  # and requires no input but the prompt: an edit model without edit_image draws from text
         return cls(pipe, chosen.name, role_configs)
 
     # -- calling ---------------------------------------------------------------------------------------
@@ -222,7 +239,7 @@ class QwenImagePipeline:
             raise PluginError(f"pipe.load_lora needs qi's lora plugin (qi_plugins.lora): {e}") from e
         role = self._role_of(module)
         if state_dict is not None:
-            source: Any = state_dict
+            source: Any = as_lora_state_dict(state_dict)  # any layout the LoRA plugin reads (PEFT, kohya …)
         elif lora_config is None:
             raise InvalidInputError("load_lora needs a LoRA: a file path, a ModelConfig or state_dict=")
         else:
@@ -294,6 +311,10 @@ class QwenImagePipeline:
 
     def __repr__(self) -> str:
         return f"QwenImagePipeline(recipe={self.recipe!r}, components={list(self.pipe.components)})"
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json"))
 
 
 class _ScheduleAt:

@@ -1,22 +1,29 @@
 """Which registered recipe a set of DiffSynth ``ModelConfig`` s needs, and which role each one fills.
 
-Nothing here names a variant. Every recipe says which hub ids it serves (:attr:`Recipe.model_ids`, its default
-``model`` and the ``model`` of its components); the recipe picked is the one those ids describe best:
+Nothing here names a variant. DiffSynth has one pipeline that takes any weights of the right architecture and
+any call parameter; qi picks the registered recipe the given files describe best:
 
-1. candidates are the recipes that *declare* (``model_ids``) at least one given id;
-2. fewest given ids it does not serve at all;
-3. then the rarest ids: each given id it declares counts 1/(number of recipes declaring it), then each id it
-   serves 1/(number of recipes serving it) — an id every recipe serves (the shared text encoder) says little,
-   a DiT or ControlNet id says much;
-4. then the tokenizer/processor ids the same way, the smaller served set, fewer adapters, the name.
+1. candidates: the recipes with a slot for every given weight file whose parts take those weights (the
+   architecture, read from the tensor names and shapes: :mod:`~qi_plugins.diffsynth_compat.probe`). A
+   fine-tune with an id no plugin has heard of is a candidate like any other weights of its architecture;
+2. never a recipe whose adapters would add a LoRA the user did not name (none of its ids given);
+3. a slot for each given tokenizer/processor folder some recipe can use (``processor_config`` → a recipe
+   that loads the VL processor, so ``edit_image`` works whatever the DiT id);
+4. a recipe that declares (``Recipe.model_ids``) one of the given ids, if any does;
+5. fewest given ids it does not serve at all;
+6. then the rarest ids: each given id it declares (``Recipe.model_ids``) counts 1/(number of recipes declaring
+   it), then each id it serves (declares, or its ``model`` / a component's ``model``) 1/(number serving it) —
+   an id every recipe serves (the shared text encoder) says little, a DiT or ControlNet id says much;
+7. then the tokenizer/processor ids it declares, the fewest adapters, components and served ids (the plainest
+   recipe), the name.
 
-Without any model id (only ``path=`` configs) every recipe that has a slot for each detected role is a
-candidate and the tokenizer/processor ids decide.
+Without any id (only ``path=`` configs) the weights and the tokenizer/processor ids decide. Call parameters
+of other plugins still work on the recipe picked: the front adds their injectors on first use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,24 +68,35 @@ def served(r: Recipe) -> set[str]:
 
 
 def choose_recipe(ids: Sequence[str], recipes: Sequence[Recipe], hints: Sequence[str] = (),
-                  roles: Iterable[str] = ()) -> Recipe:  # fmt: skip
-    """The recipe the model ids (and detected roles of ``path=`` weights) describe best; see the module doc."""
-    ids, hints, roles = list(dict.fromkeys(ids)), list(dict.fromkeys(hints)), set(roles)
-    n_declared = {g: sum(g in r.model_ids for r in recipes) for g in {*ids, *hints}}
-    n_served = {g: sum(g in served(r) for r in recipes) for g in {*ids, *hints}}
+                  roles: Iterable[str] = (), *, extras: Iterable[str] = (),
+                  taking: Callable[[list[Recipe]], list[Recipe]] | None = None) -> Recipe:  # fmt: skip
+    """The recipe the given weights and ids describe best; see the module doc.
 
-    def declaring(pool: Sequence[Recipe]) -> list[Recipe]:
-        return [r for r in pool if set(r.model_ids) & set(ids)] if ids else list(pool)
-
-    # recipes with a slot for every detected role; if none has, assign_roles will say which file has no slot
-    candidates = declaring([r for r in recipes if roles <= set(r.components)]) or declaring(recipes)
-    if not candidates:
-        known = sorted({g for r in recipes for g in r.model_ids})
-        what = f"model ids {', '.join(ids)}" if ids else f"weights for {', '.join(sorted(roles))}"
+    ``ids``: hub ids of the weight configs; ``hints``: those of the tokenizer/processor configs; ``roles``:
+    what the weight files are (:func:`~qi_plugins.diffsynth_compat.detect.detect_role`); ``extras``: the
+    folders given besides the weights (``"processor"``); ``taking``: keeps the recipes whose parts take the
+    weights.
+    """
+    ids, hints = list(dict.fromkeys(ids)), list(dict.fromkeys(hints))
+    roles = set(roles) - {"lora"}  # a LoRA in model_configs never picks a recipe; assign_roles explains
+    known = {g for r in recipes for g in served(r)}
+    if not roles and ids and not set(ids) & known:
         raise InvalidInputError(
-            f"no installed plugin has a pipeline for {what}. Model ids served: {', '.join(known)}. Install the "
+            f"no installed plugin has a pipeline for model ids {', '.join(ids)}, and the weights were not "
+            f"recognised from their tensor names. Model ids served: {', '.join(sorted(known))}. Install the "
             "plugin for this model (see `qi plugins`) or pass recipe='NAME' (see `qi pipelines`)"
         )
+    pool = [r for r in recipes if roles <= set(r.components)] or list(recipes)
+    if taking is not None:
+        pool = taking(pool) or pool  # weights no part takes: the load names the mismatching tensors
+    if not pool:
+        raise InvalidInputError(
+            "no pipelines are registered: is qi installed with its plugins? (`qi plugins`)"
+        )
+    slotted = {c.subfolder for r in recipes for c in r.components.values() if c.subfolder}
+    extras = [e for e in dict.fromkeys(extras) if e in slotted]
+    n_declared = {g: sum(g in r.model_ids for r in recipes) for g in {*ids, *hints}}
+    n_served = {g: sum(g in served(r) for r in recipes) for g in {*ids, *hints}}
 
     def rarity(r: Recipe, given: list[str]) -> tuple[float, float]:
         s = served(r)
@@ -86,51 +104,64 @@ def choose_recipe(ids: Sequence[str], recipes: Sequence[Recipe], hints: Sequence
         return declared, sum(1 / n_served[g] for g in given if g in s)
 
     def key(r: Recipe) -> tuple:
+        unasked = bool(r.adapters) and not set(r.model_ids) & set(ids)
+        subs = {c.subfolder for c in r.components.values()}
+        no_slot = sum(e not in subs for e in extras)
+        silent = bool(ids) and not set(r.model_ids) & set(ids)
         uncovered = sum(g not in served(r) for g in ids)
         d, s = rarity(r, ids)
-        hd, hs = rarity(r, hints)
-        return (uncovered, -d, -s, -hd, -hs, len(served(r)), len(r.adapters), r.name)
+        hd, _ = rarity(r, hints)
+        return (unasked, no_slot, silent, uncovered, -d, -s, -hd, len(r.adapters), len(r.components), len(served(r)),
+                r.name)  # fmt: skip
 
-    return min(candidates, key=key)
+    return min(pool, key=key)
+
+
+def role_of(w: Weights, recipe: Recipe) -> str:
+    """The component of ``recipe`` that ``w`` fills: the one whose ``model`` is its hub id, else the one whose
+    ``subfolder`` its pattern (or folder) names, else the role its tensor names reveal."""
+    comps = recipe.components
+    if w.model_id is not None:
+        by_id = [n for n, c in comps.items() if c.model == w.model_id]
+        if len(by_id) > 1:
+            by_id = [n for n in by_id if comps[n].subfolder == w.folder_hint] or by_id[:1]
+        if by_id:
+            return by_id[0]
+    if w.folder_hint is not None:
+        by_folder = [n for n, c in comps.items() if c.subfolder == w.folder_hint]
+        if len(by_folder) == 1:
+            return by_folder[0]
+    detected = detect_role(w.shapes)
+    if detected in comps and detected != "lora":  # DiffSynth loads LoRAs with load_lora, never as a model
+        return detected
+    why = (
+        "a LoRA: load it with pipe.load_lora(pipe.dit, path, alpha=...)"
+        if detected == "lora"
+        else f"detected as {detected!r}"
+        if detected
+        else "not recognised from its tensor names"
+    )
+    raise ModelLoadError(
+        f"{w.source} is {why}; pipeline {recipe.name!r} has no slot for it (its components: {', '.join(comps)})"
+    )
+
+
+def roles_in(weights: Sequence[Weights], recipe: Recipe) -> dict[str, list[Weights]]:
+    """Role → the weights filling it in ``recipe``, in ``model_configs`` order (nothing is changed)."""
+    out: dict[str, list[Weights]] = {}
+    for w in weights:
+        out.setdefault(role_of(w, recipe), []).append(w)
+    return out
 
 
 def assign_roles(weights: list[Weights], recipe: Recipe) -> dict[str, list[Weights]]:
-    """Role → the weights filling it, in ``model_configs`` order.
-
-    A config fills the component whose ``model`` is its hub id, else the one whose ``subfolder`` its pattern
-    (or folder) names, else the role its tensor names reveal (:func:`detect_role`).
-    """
+    """Role → the weights filling it (:func:`role_of`), in ``model_configs`` order; sets ``Weights.role``.
+    Two files for one folder-loaded slot must not hold the same tensors (two DiTs, say)."""
+    out = roles_in(weights, recipe)
     comps = recipe.components
-    out: dict[str, list[Weights]] = {}
-    for w in weights:
-        role = None
-        if w.model_id is not None:
-            by_id = [n for n, c in comps.items() if c.model == w.model_id]
-            if len(by_id) > 1:
-                by_id = [n for n in by_id if comps[n].subfolder == w.folder_hint] or by_id[:1]
-            role = by_id[0] if by_id else None
-        if role is None and w.folder_hint is not None:
-            by_folder = [n for n, c in comps.items() if c.subfolder == w.folder_hint]
-            role = by_folder[0] if len(by_folder) == 1 else None
-        if role is None:
-            detected = detect_role(w.shapes)
-            if detected in comps:
-                role = detected
-            else:
-                why = (
-                    "a LoRA: load it with pipe.load_lora(pipe.dit, path, alpha=...)"
-                    if detected == "lora"
-                    else f"detected as {detected!r}"
-                    if detected
-                    else "not recognised from its tensor names"
-                )
-                raise ModelLoadError(
-                    f"{w.source} is {why}; pipeline {recipe.name!r} has no slot for it "
-                    f"(its components: {', '.join(comps)})"
-                )
-        w.role = role
-        out.setdefault(role, []).append(w)
     for role, ws in out.items():
+        for w in ws:
+            w.role = role
         if len(ws) > 1 and comps[role].subfolder is not None:
             seen: dict[str, str] = {}
             for w in ws:

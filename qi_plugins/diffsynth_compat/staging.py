@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ def stage(base: Path, recipe: Recipe, roles: dict[str, list[Weights]], extra_fol
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
         try:
             for sub, files in folders.items():
-                _stage_folder(tmp / sub, files, _role_of(recipe, sub))
+                stage_folder(tmp / sub, files, _role_of(recipe, sub))
             for sub, folder in extra_folders.items():
                 if sub not in folders:
                     _link(folder.resolve(), tmp / sub)
@@ -106,7 +107,10 @@ def _key(name: str, folders: dict[str, list[Path]], extra: dict[str, Path]) -> s
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stage_folder(dst: Path, files: list[Path], role: str) -> None:
+def stage_folder(dst: Path, files: list[Path], role: str, *, quiet: bool = False) -> None:
+    """``dst`` as the official folder of ``role`` holding ``files``: a link to their folder when they are all of
+    its weights, else links to them plus the ``config.json`` beside them, else a config read off their shapes
+    (``quiet``: without the warning that the RoPE split was guessed)."""
     parent = files[0].parent
     same_folder = all(f.parent == parent for f in files)
     if same_folder and (parent / "config.json").is_file():
@@ -130,6 +134,14 @@ def _stage_folder(dst: Path, files: list[Path], role: str) -> None:
                 _link(extra.resolve(), dst / extra.name)
     elif role in INFER_CONFIG:
         config = INFER_CONFIG[role](read_shapes(files))
+        if "axes_dims_rope" in config and not quiet:
+            # the RoPE split is the one size the weights do not store
+            warnings.warn(
+                f"{files[0]}: no config.json beside the {role} weights; the RoPE axes are taken as "
+                f"{config['axes_dims_rope']} (the official 1/8, 7/16, 7/16 split of the head dim). If the "
+                "checkpoint was trained with another split, put its config.json beside the weights",
+                stacklevel=2,
+            )
         (dst / "config.json").write_text(json.dumps(config, indent=2))
     else:
         raise MissingComponentError(

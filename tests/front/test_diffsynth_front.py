@@ -1,7 +1,7 @@
 """DiffSynth-Studio user code through ``qi_plugins.diffsynth_compat``, on the golden tiny models laid out as
-DiffSynth's ``./models`` folder: the seed's quick-start script and one DiffSynth-style script per variant give
+DiffSynth's ``./models`` folder: the seed's quick-start script, LoRA loading and the scheduler swap give
 bit-identically what the native ``qi.compose`` path gives for the same call (and stay within the golden
-DiffSynth run's tolerance)."""
+DiffSynth run's tolerance). Every script of DiffSynth's examples folder: ``test_diffsynth_examples.py``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN_MODEL, golden_case
-from front_helpers import EXTRA, LAYERED, QUIET, call_args, make_models_dir, same
+from front_helpers import EXTRA, QUIET, call_args, make_models_dir, same, within_golden
 
 import qi_core as qi
-from qi_plugins.diffsynth_compat import ControlNetInput, FlowMatchScheduler, ModelConfig, QwenImagePipeline
+from qi_plugins.diffsynth_compat import FlowMatchScheduler, ModelConfig, QwenImagePipeline
 from qi_plugins.diffsynth_compat.cli import migrate_source
 from qi_plugins.lora.adapter import LoRA
 
@@ -89,16 +89,6 @@ def from_pretrained(*extra: ModelConfig, dit: str = "Qwen/Qwen-Image", vae: str 
 EDIT_PROCESSOR = ModelConfig(model_id="Qwen/Qwen-Image-Edit", origin_file_pattern="processor/")
 
 
-def within_golden(out, case_name: str) -> float:
-    """Max |compat − DiffSynth golden| of the decoded image; asserted within the case's tolerance."""
-    case, want, _ = golden_case(case_name)
-    ref = want["image_float"]
-    ours = np.stack(out) if isinstance(out, list) else out[None]
-    diff = float(np.abs(ours - ref.permute(0, 2, 3, 1).numpy().reshape(ours.shape)).max())
-    assert diff <= case["tolerances"]["image_float"]["recommended_atol"], diff
-    return diff
-
-
 def test_seed_quickstart_runs_with_one_changed_import(models):
     source, changed, left = migrate_source(SEED_QUICKSTART)
     assert [c[1] for c in changed] == [
@@ -125,90 +115,6 @@ def test_seed_quickstart_runs_with_one_changed_import(models):
     # the saved image is DiffSynth's uint8 conversion (truncation) of those floats
     assert np.array_equal(np.asarray(scope["image"]), ((theirs + 1) * 127.5).clip(0, 255).astype(np.uint8))
     assert (models.parent / "image.jpg").is_file()
-
-
-def test_t2i_golden_call_is_native_and_golden(models):
-    case, _, folder = golden_case("t2i")
-    call = {**call_args(case, folder), **QUIET}
-    ours = from_pretrained()(**call)
-    assert same(ours, qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)(**call))
-    within_golden(ours, "t2i")
-
-
-def test_edit_script(models):
-    case, _, folder = golden_case("edit_single")
-    pipe = from_pretrained(dit="Qwen/Qwen-Image-Edit", processor_config=EDIT_PROCESSOR)
-    assert pipe.recipe == "qwen-image-edit"
-    call = {**call_args(case, folder), **QUIET}
-    ours = pipe(**call)
-    assert same(ours, qi.compose("qwen-image-edit", model=GOLDEN_MODEL, progress=False)(**call))
-    within_golden(ours, "edit_single")
-
-
-def test_edit_2511_script(models):
-    case, _, folder = golden_case("edit_2511")
-    pipe = from_pretrained(dit="Qwen/Qwen-Image-Edit-2511", processor_config=EDIT_PROCESSOR)
-    assert pipe.recipe == "qwen-image-edit-2511"
-    call = {**call_args(case, folder), **QUIET}
-    ours = pipe(**call)
-    assert same(ours, qi.compose("qwen-image-edit-2511", model=GOLDEN_MODEL, progress=False)(**call))
-    within_golden(ours, "edit_2511")
-
-
-def test_blockwise_controlnet_script(models):
-    case, _, folder = golden_case("controlnet")
-    canny = ModelConfig(
-        model_id="DiffSynth-Studio/Qwen-Image-Blockwise-ControlNet-Canny",
-        origin_file_pattern="model.safetensors",
-    )
-    pipe = from_pretrained(canny)
-    assert pipe.recipe == "qwen-image-blockwise-controlnet-canny"
-    call = {**call_args(case, folder), **QUIET}
-    call["blockwise_controlnet_inputs"] = [ControlNetInput(**c) for c in call["blockwise_controlnet_inputs"]]
-    ours = pipe(**call)
-    native = qi.compose("qwen-image-blockwise-controlnet-canny", model=GOLDEN_MODEL, progress=False,
-                        components={"blockwise_controlnet": [EXTRA / "controlnet_canny.safetensors"]})  # fmt: skip
-    assert same(ours, native(**call))
-    within_golden(ours, "controlnet")
-
-
-def test_eligen_script_loads_its_lora_and_adds_the_injector(models):
-    case, _, folder = golden_case("eligen")
-    pipe = from_pretrained()
-    assert pipe.recipe == "qwen-image"
-    pipe.load_lora(pipe.dit, "models/DiffSynth-Studio/Qwen-Image-EliGen/model.safetensors")
-    call = {**call_args(case, folder), **QUIET}
-    ours = pipe(**call)
-    assert pipe.injector("eligen") is not None
-    native = qi.compose("qwen-image-eligen", model=GOLDEN_MODEL, progress=False,
-                        components={"lora": [EXTRA / "lora_diffsynth.safetensors"]})  # fmt: skip
-    assert same(ours, native(**call))
-
-
-def test_in_context_script(models):
-    case, _, folder = golden_case("context_image")
-    pipe = from_pretrained()
-    pipe.load_lora(pipe.dit, "models/DiffSynth-Studio/Qwen-Image-In-Context-Control-Union/model.safetensors")
-    call = {**call_args(case, folder), **QUIET}  # the prompt starts with "Context_Control. " as in DiffSynth
-    ours = pipe(**call)
-    assert [i.name for i in pipe.injectors][-1] == "context-image"
-    native = qi.compose("qwen-image-in-context-control-union", model=GOLDEN_MODEL, progress=False,
-                        components={"lora": [EXTRA / "lora_diffsynth.safetensors"]})  # fmt: skip
-    assert same(ours, native(**call))
-
-
-def test_layered_script(models):
-    case, _, folder = golden_case("layered")
-    pipe = from_pretrained(
-        dit="Qwen/Qwen-Image-Layered", vae="Qwen/Qwen-Image-Layered", processor_config=EDIT_PROCESSOR
-    )
-    assert pipe.recipe == "qwen-image-layered"
-    call = {**call_args(case, folder), **QUIET}
-    ours = pipe(**call)
-    native = qi.compose("qwen-image-layered", model=GOLDEN_MODEL, progress=False,
-                        components={"dit": LAYERED / "transformer", "vae": LAYERED / "vae"})  # fmt: skip
-    assert isinstance(ours, list) and same(ours, native(**call))
-    within_golden(ours, "layered")
 
 
 def test_load_lora_alpha_from_a_model_config(models):

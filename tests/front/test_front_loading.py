@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import GOLDEN_MODEL
-from front_helpers import EXTRA, LAYOUT, QI, QUIET, make_models_dir, same
+from front_helpers import EXTRA, LAYERED, LAYOUT, QI, QUIET, make_models_dir, same
 from safetensors.torch import load_file, save_file
 
 import qi_core as qi
 from qi_core.errors import InvalidInputError, MissingComponentError, ModelLoadError
 from qi_core.recipe import Component, Recipe
-from qi_plugins.diffsynth_compat import ModelConfig, QwenImagePipeline
+from qi_plugins.diffsynth_compat import ModelConfig, QwenImagePipeline, load_state_dict
 from qi_plugins.diffsynth_compat.detect import detect_role, infer_dit_config, infer_vae_config, read_shapes
 from qi_plugins.diffsynth_compat.memory import policy_name
-from qi_plugins.diffsynth_compat.resolve import choose_recipe
+from qi_plugins.diffsynth_compat.probe import PartProbe, taking
+from qi_plugins.diffsynth_compat.resolve import Weights, choose_recipe
 
 QI_ID = "Qwen/Qwen-Image"
 TE = ModelConfig(model_id=QI_ID, origin_file_pattern="text_encoder/model*.safetensors")
@@ -69,10 +71,37 @@ def test_a_new_plugins_model_id_wins_and_unknown_ids_are_an_error():
     mine = Recipe(name="my-dit", description="d", components={"dit": Component("qwen-image-dit", "transformer")},
                   scheduler="qwen-image", model=QI_ID, model_ids=("me/My-DiT",))  # fmt: skip
     assert choose_recipe(["me/My-DiT", QI_ID], [*qi.pipelines(), mine]).name == "my-dit"
+    # an unknown id is fine when the weights say what they are; alone, with nothing recognised, it is not
+    got = choose_recipe(["someone/Else", QI_ID], qi.pipelines(), roles={"dit", "text_encoder", "vae"})
+    assert got.name == "qwen-image"
     with pytest.raises(
         InvalidInputError, match="no installed plugin has a pipeline for model ids someone/Else"
     ):
         choose_recipe(["someone/Else"], qi.pipelines())
+
+
+def test_a_processor_config_picks_a_recipe_that_loads_it_and_never_an_unnamed_lora():
+    roles = {"dit", "text_encoder", "vae"}
+    got = choose_recipe(["someone/Edit-Finetune", QI_ID], qi.pipelines(), hints=[QI_ID, "Qwen/Qwen-Image-Edit"],
+                        roles=roles, extras=["tokenizer", "processor"])  # fmt: skip
+    assert "processor" in got.components and not got.adapters
+    assert not choose_recipe([QI_ID], qi.pipelines(), hints=[QI_ID], roles=roles).adapters
+
+
+def test_the_probe_reads_the_architecture_off_the_weights():
+    def weights(folder: Path) -> Weights:
+        return Weights(sorted(folder.glob("*.safetensors")), None, folder.name, str(folder), 0)
+
+    probe = PartProbe()
+    try:
+        layered = taking(qi.pipelines(), [weights(LAYERED / "transformer")], probe)
+        base = taking(qi.pipelines(), [weights(QI / "transformer")], probe)
+    finally:
+        probe.close()
+    parts = {r.components["dit"].part for r in layered}
+    assert parts == {"qwen-image-layered-dit"}  # the extra addition_t_embedding fits that part only
+    assert {r.components["dit"].part for r in base} >= {"qwen-image-dit"}
+    assert "qwen-image-layered-dit" not in {r.components["dit"].part for r in base}
 
 
 def test_path_only_weights_pick_by_role_and_tokenizer():
@@ -136,10 +165,51 @@ def test_shard_files_by_path_with_the_config_beside_them(env, whole_folder):
 
 def test_weights_without_a_config_get_sizes_from_their_shapes(env):
     shards = split_dit(env / "bare", with_config=False)
-    pipe = load(ModelConfig(path=[str(s) for s in shards]), TE, VAE)
+    with pytest.warns(UserWarning, match=r"RoPE axes are taken as \[4, 14, 14\]"):  # 1/8, 7/16, 7/16 of 32
+        pipe = load(ModelConfig(path=[str(s) for s in shards]), TE, VAE)
     cfg = pipe.dit.config
     assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim) == (2, 2, 32)
     assert pipe("a boat", seed=3, height=32, width=32, num_inference_steps=1, **QUIET).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_a_truncated_file_names_itself_and_says_to_download_it_again(env, cut):
+    whole = (QI / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    n = int.from_bytes(whole[:8], "little")
+    bad = env / "vae" / "diffusion_pytorch_model.safetensors"
+    bad.parent.mkdir()
+    bad.write_bytes(whole[: len(whole) - 100] if cut == "data" else whole[: 8 + n // 2])
+    with pytest.raises(
+        ModelLoadError, match=rf"{re.escape(str(bad))}.*(truncated|interrupted).*download it again"
+    ):
+        load(DIT, TE, ModelConfig(path=str(bad)))
+
+
+def test_load_state_dict_reads_safetensors_and_never_unpickles(tmp_path):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("lora.bin", "lora.pt", "lora.safetensors"):
+        (tmp_path / name).write_bytes(pickle.dumps({"w": Payload()}))
+        with pytest.raises(ModelLoadError, match="safetensors"):
+            load_state_dict(tmp_path / name)
+    assert not marker.exists()
+    with pytest.raises(MissingComponentError, match="does not exist"):
+        load_state_dict(tmp_path / "missing.safetensors")
+    sd = load_state_dict(str(EXTRA / "lora_diffsynth.safetensors"), torch_dtype=torch.float16)
+    assert sd.keys() == load_file(EXTRA / "lora_diffsynth.safetensors").keys()
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+
+
+def test_load_lora_state_dict_must_be_a_dict_of_tensors(env):
+    pipe = load(DIT, TE, VAE)
+    with pytest.raises(InvalidInputError, match=r"state_dict=.*dict of LoRA tensors"):
+        pipe.load_lora(pipe.dit, state_dict=[1, 2])
 
 
 def test_text_encoder_without_its_config_is_a_clear_error(env):
