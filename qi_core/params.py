@@ -5,11 +5,11 @@ The CLI, a server and a form are generated from these declarations (:func:`specs
 against them (:func:`validate`) before any image is read or any model runs::
 
     class Params(CallParams):
-        context_image: ImageInput = param(None, "control image (canny, depth, …) the output follows")
+        guide: ImageInput = param(None, "an image the output follows", kind="image")
 
 Kinds: ``image`` (a PIL image, an image file path or an array), ``mask`` (an image whose white marks a region),
-``images`` (one image or a list), ``masks`` (a list of masks), ``entries`` (structured entries such as ControlNet
-inputs), ``callable`` (Python only).
+``images`` (one image or a list), ``masks`` (a list of masks), ``entries`` (structured entries: dataclasses or
+dicts), ``callable`` (Python only).
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ def _images(value: Any) -> Any:
 
 _PATH = {"type": "string", "format": "path"}
 #: An image input (kind ``image``/``mask``): a PIL image, a path or an array; a path in JSON.
-ImageInput = Annotated[Any, AfterValidator(_image), WithJsonSchema({"type": ["string", "null"], "format": "path"})]
+ImageInput = Annotated[
+    Any, AfterValidator(_image), WithJsonSchema({"type": ["string", "null"], "format": "path"})
+]
 #: One image or a list of them; a list of paths in JSON.
 ImageList = Annotated[Any, AfterValidator(_images), WithJsonSchema({"type": "array", "items": _PATH})]
 #: Any Python value that has no JSON form (callables, structured entries); JSON schema given by the kind.
@@ -182,7 +184,7 @@ def _error(model: type[CallParams], e: ValidationError, given: Mapping[str, Any]
     info = model.model_fields.get(name)
     what = f" — {name}: {info.description}" if info is not None and info.description else ""
     got = given.get(name)
-    for k in loc[1:]:  # an item of a list: name it as eligen_entity_prompts[1]
+    for k in loc[1:]:  # an item of a list: name it as prompts[1]
         if isinstance(k, int) and isinstance(got, (list, tuple)) and k < len(got):
             name, got = f"{name}[{k}]", got[k]
     msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Input should be ")

@@ -12,6 +12,7 @@ from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image",)  # the base text encoder, DiT, VAE and schedule
 _P = "qi_plugins.blockwise_controlnet"
 PART = "qwen-image-blockwise-controlnet"
 
@@ -52,9 +53,9 @@ def qi_register_pipelines(register):
                 },
                 scheduler="qwen-image",
                 injectors=("input-image", "blockwise-controlnet"),
-                required=("blockwise_controlnet_inputs",),
                 defaults=defaults,
                 model="Qwen/Qwen-Image",
                 model_ids=(hub_id,),
+                tiny="qi_plugins.blockwise_controlnet.tiny:make_tiny_controlnet_model",
             )
         )

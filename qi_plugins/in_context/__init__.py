@@ -11,6 +11,7 @@ from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "eligen")  # the base parts; the LoRA-as-component helper is EliGen's
 _P = "qi_plugins.in_context"
 LORA_ID = "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union"
 
@@ -53,11 +54,11 @@ def qi_register_pipelines(register):
             },
             scheduler="qwen-image",
             injectors=("input-image", "context-image", "context-control-prefix"),
-            required=("context_image",),
             adapters=("in-context-lora",),
             defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1024, "width": 1024,
                       "negative_prompt": NEGATIVE_PROMPT_ZH},
             model="Qwen/Qwen-Image",
             model_ids=(LORA_ID,),
+            tiny="qi_plugins.in_context.tiny:make_tiny_in_context_model",
         )
     )  # fmt: skip
