@@ -196,13 +196,13 @@ class Pipeline:
     def __call__(self, prompt: str | None = None, **kwargs: Any) -> Any:
         if prompt is not None:
             kwargs["prompt"] = prompt
-        missing = [k for k in self.required if kwargs.get(k, self.defaults.get(k)) is None]
+        state = self.new_state(kwargs)
+        missing = [k for k in self.required if state.params.get(k) is None]
         if missing:
             raise InvalidInputError(
                 f"pipeline {self.name!r} needs {missing[0]} ({self.describe_param(missing[0])}); pass "
                 f"{missing[0]}=..."
             )
-        state = self.new_state(kwargs)
         with torch.inference_mode():
             return self._run(state)
 
