@@ -96,6 +96,16 @@ class RunState:
         return {k: self.params[k] for k in ("tiled", "tile_size", "tile_stride")}
 
 
+def timestep_at(scheduler: Any, sigmas: torch.Tensor, timesteps: torch.Tensor, i: int,
+                sigma: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The timestep (1,) for step ``i`` evaluated at ``sigma``: the schedule's own at ``sigmas[i]`` (bit for
+    bit), else the scheduler's ``timestep(sigma)`` (rectified flow, when it has none: 1000·σ)."""
+    if float(sigma) == float(sigmas[i]):
+        return timesteps[i : i + 1]
+    convert = getattr(scheduler, "timestep", None)
+    return convert(sigma.reshape(1)) if convert is not None else sigma.reshape(1) * 1000
+
+
 class Pipeline:
     """A composed pipeline: loaded components by role, a schedule, injectors, a memory policy."""
 
@@ -240,7 +250,9 @@ class Pipeline:
                 f"{' or '.join(map(str, hs))}, widths: {' or '.join(map(str, ws))}"
             )
 
-    def _run(self, state: RunState) -> Any:
+    def condition(self, state: RunState) -> None:
+        """The stages every use of the pipeline shares, in one order (inference, and training's encoding of a
+        sample): injectors validate → schedule → injectors prepare → prompts for each guidance side."""
         p = state.params
         for inj in self.injectors:
             inj.validate(self, state)
@@ -252,7 +264,11 @@ class Pipeline:
         self.trace("timesteps", state.timesteps)
         for inj in self.injectors:
             inj.prepare(self, state)
+        self.encode_prompts(state)
 
+    def _run(self, state: RunState) -> Any:
+        p = state.params
+        self.condition(state)
         state.noise = self.noise(state)
         self.trace("noise", state.noise)
         latents = None
@@ -270,7 +286,6 @@ class Pipeline:
         state.latents = latents
         self.trace("latents_init", latents)
 
-        self.encode_prompts(state)
         latents = self.denoise(state)
         self.trace("final_latents", latents)
         out = self.decode(state, latents)
@@ -331,13 +346,8 @@ class Pipeline:
         return inputs
 
     def timestep(self, state: RunState, i: int, sigma: torch.Tensor) -> torch.Tensor:
-        """The denoiser's timestep (1,) at ``sigma``: the schedule's own for step ``i`` (bit for bit), else the
-        schedule's ``timestep(sigma)`` (rectified flow: 1000·σ)."""
-        if float(sigma) == float(state.sigmas[i]):
-            t = state.timesteps[i : i + 1]
-        else:
-            convert = getattr(self.scheduler, "timestep", None)
-            t = convert(sigma.reshape(1)) if convert is not None else sigma.reshape(1) * 1000
+        """The denoiser's timestep (1,) of step ``i`` at ``sigma`` (see :func:`timestep_at`)."""
+        t = timestep_at(self.scheduler, state.sigmas, state.timesteps, i, sigma)
         return t.to(device=self.device, dtype=self.dtype)
 
     def velocity(self, state: RunState, dit: Any, latents: torch.Tensor, i: int,

@@ -203,28 +203,19 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
         raise InvalidInputError(f"{where}: {e}") from None
     p = state.params
     with torch.no_grad():
-        state.sigmas, state.timesteps = pipe.scheduler.schedule(
-            p["num_inference_steps"], height=height, width=width,
-            denoising_strength=float(p["denoising_strength"]), exponential_shift_mu=p["exponential_shift_mu"],
-        )  # fmt: skip
-        try:
-            for inj in pipe.injectors:
-                inj.validate(pipe, state)
-        except InvalidInputError as e:  # a plugin's check of a row's values: name the row, keep the type
+        try:  # the inference stages, in their order; a plugin's check of a row's values names the row
+            pipe.condition(state)
+        except InvalidInputError as e:
             e.args = (f"{where}: {e}", *e.args[1:])
             raise
-        for inj in pipe.injectors:
-            inj.prepare(pipe, state)
         x0 = encode_images(pipe, frames, state.dtype)
         if state.target_frames not in (1, len(frames)):
             raise InvalidInputError(
                 f"{where}: the pipeline expects {state.target_frames} target frames, the row has {len(frames)}"
             )
-        pipe.encode_prompts(state)
-        inp = DenoiseInput(latents=x0, timestep=torch.zeros(1, device=x0.device, dtype=x0.dtype),
-                           text=list(state.prompts["positive"]), target_frames=len(frames))  # fmt: skip
-        for inj in pipe.injectors:
-            inj.denoise_input(pipe, state, "positive", 0, inp)
+        state.target_frames = len(frames)
+        t0 = torch.zeros(1, device=x0.device, dtype=x0.dtype)
+        inp = pipe.denoise_inputs(state, x0, 0, t0)["positive"]
         for inj in pipe.injectors:
             inj.finish(pipe, state)
     kept = {k: v for k, v in p.items() if k != "progress_bar_cmd" and _is_json(v)}

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from qi_core.errors import InvalidInputError
+from qi_core.pipeline import timestep_at
 from qi_core.training.conditioning import Conditioning, encode_sample
 
 NUM_TRAIN_TIMESTEPS = 1000  # the seed's training grid (scheduler.set_timesteps(1000, training=True))
@@ -148,9 +149,12 @@ class DirectDistill:
         latents = torch.cat(noise).to(x0.device)
         with pipe.using("dit") as dit:
             dit = dit or pipe.components["dit"]
-            for i in range(n):
-                t = timesteps[i : i + 1].to(x0.device, x0.dtype).expand(batch.batch_size)
-                v = dit(batch.denoise_input(latents, t))
-                sigma_next = sigmas[i + 1] if i + 1 < n else torch.zeros_like(sigmas[i])
-                latents = latents + v * (sigma_next - sigmas[i]).to(x0.device, x0.dtype)
+
+            def velocity(x: torch.Tensor, i: int, sigma: torch.Tensor) -> torch.Tensor:
+                t = timestep_at(pipe.scheduler, sigmas, timesteps, i, sigma).to(x0.device, x0.dtype)
+                return dit(batch.denoise_input(x, t.expand(batch.batch_size)))
+
+            # the student's trajectory through the pipeline's sampler (with gradients), down to σ = 0
+            sampler = pipe.part("sampler", pipe.sampler)
+            latents = sampler.sample(velocity, latents, torch.cat([sigmas, sigmas.new_zeros(1)]), state=None)
         return F.mse_loss(latents.float(), x0.float())
