@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in host().registry.entries("command"):
         if entry.name in sub.choices:
             continue  # built-in commands win; the collision is visible in `qi plugins`
-        cmd = sub.add_parser(entry.name, help=entry.meta.get("help", f"(from plugin {entry.plugin})"))
+        help_ = entry.meta.get("help") or f"(from plugin {entry.plugin})"
+        aliases = [a for a in entry.aliases if a not in sub.choices]  # a taken alias stays the other's
+        cmd = sub.add_parser(entry.name, aliases=aliases, help=help_)
         try:
             entry.load()(cmd)
         except Exception as e:  # one broken plugin command must not take the whole CLI down

@@ -36,6 +36,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     default to the recipe's and can be changed per call. ``attention``: a registered attention backend given
     to every component with ``set_attention`` (None keeps the denoiser's own, torch's SDPA).
     """
+    call = dict(locals())  # the arguments as given: ``model="tiny"`` composes again from the built folder
     import torch
 
     from qi_core.devices import check_device
@@ -57,7 +58,14 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     if source is None:
         raise InvalidInputError(f"pipeline {name!r} has no default model; pass model='folder or hub id'")
     if source == TINY and not Path(TINY).is_dir():
+        from qi_core.loading import local_hub
+
+        # built once; the hub ids its components and adapters name are served from the folder, never fetched
         root = tiny_model(recipe)
+        with local_hub(root / TINY_HUB):
+            pipe = compose(**{**call, "model": root})
+        pipe.model = TINY
+        return pipe
     else:
         subfolders = [
             c.subfolder for r, c in recipe.components.items() if c.subfolder and (roles is None or r in roles)
@@ -107,12 +115,18 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
                 comp.set_attention(backend)
     pipe = Pipeline(name, components, scheduler, injectors, device=device, dtype=dtype,
                     defaults=dict(recipe.defaults), memory=policies, model=os.fspath(source),
-                    required=recipe.required, **parts)  # fmt: skip
+                    required=recipe.required, roles=loop_roles(recipe), **parts)  # fmt: skip
     for a in (*recipe.adapters, *adapters):
         adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
         adapter.apply(pipe)
         pipe.adapters.append(adapter)
     return pipe
+
+
+def loop_roles(recipe: Any) -> dict[str, str]:
+    """Which of the recipe's components is the loop's denoiser (its component of kind ``denoiser``)."""
+    denoisers = [r for r, c in recipe.components.items() if c.kind == "denoiser"]
+    return {"denoiser": denoisers[0]} if len(denoisers) == 1 else {}
 
 
 def memory_policies(memory: Any, roles: list[str]) -> dict[str, Any]:
@@ -135,6 +149,7 @@ def memory_policies(memory: Any, roles: list[str]) -> dict[str, Any]:
 
 
 TINY = "tiny"
+TINY_HUB = "hub"  # subfolder of a tiny model holding the extra repositories its recipe names, as ORG/NAME
 
 
 def cache_dir() -> Path:

@@ -35,6 +35,18 @@ class UnknownNameError(QiError, KeyError):
         return self.args[0]
 
 
+class UnavailableNameError(UnknownNameError):
+    """A name is provided by an installed plugin that is not loaded (e.g. one of its requirements is disabled)."""
+
+    def __init__(self, kind: str, name: str, known: list[str], plugin: str, reason: str):
+        super().__init__(kind, name, known)
+        self.plugin, self.reason = plugin, reason
+        self.args = (
+            f"{kind} {name!r} is provided by plugin {plugin!r}, which is not loaded: {reason}. "
+            "See `qi plugins`.",
+        )
+
+
 class RegistrationError(QiError):
     """A plugin registered something invalid or a name that is already taken."""
 

@@ -139,6 +139,9 @@ def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], down
             f"model {os.fspath(model)!r} is neither a folder nor a hub id like 'Qwen/Qwen-Image'; "
             "pass a folder in the official layout (model_index.json, transformer/, vae/, …) or a hub id"
         )
+    hub = _LOCAL_HUB.get()
+    if hub is not None:
+        return _from_local_hub(hub, s)
     base = Path(
         cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
     )
@@ -146,6 +149,30 @@ def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], down
     if patterns is None:
         patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
     (downloader or get_downloader(source))(s, root, patterns)
+    return root
+
+
+_LOCAL_HUB: ContextVar[Path | None] = ContextVar("qi_local_hub", default=None)
+
+
+@contextmanager
+def local_hub(folder: str | os.PathLike):
+    """While active, :func:`resolve_model_root` serves every hub id ``ORG/NAME`` from ``folder/ORG/NAME`` and
+    downloads nothing (``compose(model="tiny")``: the tiny builder writes the repositories its recipe names)."""
+    token = _LOCAL_HUB.set(Path(folder))
+    try:
+        yield
+    finally:
+        _LOCAL_HUB.reset(token)
+
+
+def _from_local_hub(hub: Path, model_id: str) -> Path:
+    root = hub / model_id
+    if not root.is_dir():
+        raise MissingComponentError(
+            f"{model_id!r} is not in the local hub {hub} (it serves only the repositories written there, "
+            "and nothing is downloaded while it is active); rebuild the tiny model or pass a local file"
+        )
     return root
 
 

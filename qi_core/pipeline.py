@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qi_core.errors import InvalidInputError
+from qi_core.errors import InvalidInputError, MissingComponentError
 from qi_core.images import tensor_to_image
 from qi_core.params import CallParams, Opaque, param, specs, validate
 from qi_core.protocols import DenoiseInput, Injector, TextSegment
@@ -56,6 +56,8 @@ BASE_PARAMS: dict[str, Any] = {k: f.default for k, f in LoopParams.model_fields.
 SIDES = ("positive", "negative")
 #: Part kind → the registered name a pipeline uses when none is chosen.
 DEFAULT_PARTS = {"guider": "cfg", "sampler": "euler", "step_runner": "batched"}
+#: Loop part → component role, as in the official repository layout; a recipe may map them elsewhere.
+ROLES = {"denoiser": "dit", "text_encoder": "text_encoder", "autoencoder": "vae"}
 
 
 @dataclass
@@ -113,7 +115,7 @@ class Pipeline:
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  defaults: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
                  model: str | None = None, guider: Any = None, sampler: Any = None,
-                 step_runner: Any = None, required: Iterable[str] = ()):  # fmt: skip
+                 step_runner: Any = None, required: Iterable[str] = (), roles: dict[str, str] | None = None):  # fmt: skip
         self.name = name
         self.components = dict(components)
         self.scheduler = scheduler
@@ -124,6 +126,9 @@ class Pipeline:
         self.model = model
         self.adapters: list[Any] = []
         self.required = tuple(required)  # call parameters a call must give (the recipe's)
+        # which component plays which part in the loop (the recipe's roles: its denoiser is the component of
+        # kind "denoiser"); the official layout's names unless the recipe says otherwise
+        self.roles = {**ROLES, **(roles or {})}
         self.tracer: Callable[[str, torch.Tensor], None] | None = None  # sees every intermediate tensor
         # registered parts of the loop (objects, or names resolved on first use)
         self.guider = guider if guider is not None else DEFAULT_PARTS["guider"]
@@ -138,16 +143,19 @@ class Pipeline:
         raise AttributeError(f"pipeline has no attribute or component {name!r}")
 
     def using(self, role: str):
-        """Context manager around one use of a component (the memory policy moves weights here)."""
+        """Context manager around one use of a component, yielding it (its memory policy moves the weights)."""
         model = self.components.get(role)
+        if model is None:
+            have = ", ".join(self.components) or "none"
+            raise MissingComponentError(
+                f"pipeline {self.name!r} has no {role!r} component (loaded: {have}); compose it with that role"
+            )
         policy = (self.memory or {}).get(role)
-        if policy is None or model is None:
-            return nullcontext(model)
-        return policy.use(model)
+        return nullcontext(model) if policy is None else policy.use(model)
 
     @property
     def size_multiple(self) -> int:
-        vae, dit = self.components.get("vae"), self.components.get("dit")
+        vae, dit = self.components.get(self.roles["autoencoder"]), self.components.get(self.roles["denoiser"])
         return int(getattr(vae, "scale_factor", 8)) * int(getattr(dit, "patch_size", 2))
 
     def declarations(self) -> list[type[CallParams]]:
@@ -295,7 +303,7 @@ class Pipeline:
 
     def noise(self, state: RunState) -> torch.Tensor:
         """Seeded Gaussian noise, drawn on ``rand_device`` in the pipeline dtype (DiffSynth-compatible)."""
-        p, vae = state.params, self.components["vae"]
+        p, vae = state.params, self.components[self.roles["autoencoder"]]
         f = vae.scale_factor
         shape = (state.target_frames, vae.latent_channels, p["height"] // f, p["width"] // f)
         gen = torch.Generator(p["rand_device"]).manual_seed(int(p["seed"]))
@@ -304,8 +312,7 @@ class Pipeline:
 
     def encode_prompts(self, state: RunState) -> None:
         sides = state.sides
-        with self.using("text_encoder") as te:
-            te = te or self.components["text_encoder"]
+        with self.using(self.roles["text_encoder"]) as te:
             for side in sides:
                 extra: dict[str, Any] = {}
                 for inj in self.injectors:
@@ -320,8 +327,7 @@ class Pipeline:
         """Integrate from ``state.latents`` with the call's sampler; returns the final latents."""
         sigmas = state.sigmas
         full = torch.cat([sigmas, sigmas.new_zeros(1)])  # the step after the last goes to σ = 0
-        with self.using("dit") as dit:
-            dit = dit or self.components["dit"]
+        with self.using(self.roles["denoiser"]) as dit:
 
             def velocity(latents: torch.Tensor, i: int, sigma: torch.Tensor) -> torch.Tensor:
                 return self.velocity(state, dit, latents, i, sigma)
@@ -331,7 +337,7 @@ class Pipeline:
             finally:
                 if getattr(dit, "step_cache", None) is not None:
                     dit.step_cache = None
-                    self.memory["dit"].skip_parameters(set())
+                    self.memory[self.roles["denoiser"]].skip_parameters(set())
 
     def denoise_inputs(self, state: RunState, latents: torch.Tensor, i: int,
                        timestep: torch.Tensor) -> dict[str, DenoiseInput]:  # fmt: skip
@@ -370,7 +376,7 @@ class Pipeline:
         """When the memory policy asks for it (``wants_step_cache``) and the denoiser can precompute its
         per-timestep state (``fill_step_cache``), do it once per call; the weights only that state needs then
         stay put. Returns whether it did."""
-        policy = (self.memory or {}).get("dit")
+        policy = (self.memory or {}).get(self.roles["denoiser"])
         if getattr(policy, "wants_step_cache", False) and hasattr(dit, "fill_step_cache"):
             dit.fill_step_cache(inputs, timesteps.to(self.device, self.dtype))
             policy.skip_parameters(dit.step_cache_parameters())
@@ -381,8 +387,7 @@ class Pipeline:
         kind = state.params["output_type"]
         if kind == "latent":
             return latents
-        with self.using("vae") as vae:
-            vae = vae or self.components["vae"]
+        with self.using(self.roles["autoencoder"]) as vae:
             image = vae.decode(latents, **state.vae_kwargs())
         self.trace("image_float", image)
         if kind == "np":

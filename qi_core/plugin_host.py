@@ -3,15 +3,28 @@
 Names are owned first come, first served, and qi's own plugins come first: they load before third-party ones,
 and qi's own commands (:data:`CORE_COMMANDS`) precede every plugin's. A plugin that loses a name is never
 dropped silently: its report has the status ``name-clash`` and names both owners.
+
+A plugin declares the plugins it needs, by entry-point name: ``QI_REQUIRES = ("qwen_image", "lora")``. Plugins
+load after what they require (a requirement cycle is an error on each plugin in it); a plugin whose
+requirement is disabled, not installed or broken registers nothing and is reported as ``missing-dependency``,
+and so, in turn, is every plugin that requires it. The names it would have registered are remembered, so
+asking for one says which plugin provides it and why that plugin is not loaded.
+
+Each hook's ``register`` callback has the exact signature of its stub in :data:`qi_core.hookspecs.REGISTER`;
+an unknown keyword (``rol=``), a missing one or a value of the wrong type is a :class:`RegistrationError`
+naming the plugin and the hook. User code registers through the same checks with :func:`register`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata as md
+import inspect
 import os
 import threading
 import traceback
 import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,10 +33,11 @@ import pluggy
 from qi_core import hookspecs
 from qi_core.errors import PluginError, RegistrationError, UnknownNameError
 from qi_core.recipe import Recipe
-from qi_core.registry import Entry, Registry
+from qi_core.registry import KINDS, Entry, Registry
 
 ENTRY_POINT_GROUP = "qi.plugins"
 DISABLE_ENV = "QI_DISABLE_PLUGINS"
+REQUIRES_ATTR = "QI_REQUIRES"  # a plugin's requirements: entry-point names of the plugins it needs
 USER = "<user>"
 BUILTIN_PACKAGE = "qi_plugins"  # the package of qi's own plugins (they win name clashes)
 # the sub-commands qi_core.cli defines itself; a plugin command of one of these names is never reachable
@@ -41,12 +55,17 @@ class PluginInfo:
     distribution: str | None  # the installed distribution providing it
     version: str | None  # its version
     module: str | None  # the module the entry point loads
-    status: str = "ok"  # ok | error | disabled | incompatible | name-clash
+    status: str = "ok"  # ok | error | disabled | incompatible | name-clash | missing-dependency
     hooks: list[str] = field(default_factory=list)
     provides: dict[str, list[str]] = field(default_factory=dict)  # kind -> names registered
     api: int | None = None  # declared QI_HOOK_API
     error: str | None = None  # one-line reason when status != ok
     hook: str | None = None  # the hook that failed, if any
+    requires: list[str] = field(default_factory=list)  # declared QI_REQUIRES
+    missing: list[str] = field(
+        default_factory=list
+    )  # the requirements that are not loaded (missing-dependency)
+    withheld: dict[str, list[str]] = field(default_factory=dict)  # kind -> names it would provide if loaded
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,8 +91,72 @@ def owner(info: PluginInfo | None, name: str = "") -> str:
 
 
 def disabled_names() -> set[str]:
+    """The plugins ``QI_DISABLE_PLUGINS`` names, normalised (:func:`normal_name`)."""
     raw = os.environ.get(DISABLE_ENV, "")
-    return {n.strip() for n in raw.replace(";", ",").split(",") if n.strip()}
+    return {normal_name(n) for n in raw.replace(";", ",").split(",") if n.strip()}
+
+
+def requirements(plugin: object) -> tuple[str, ...]:
+    """A plugin's declared ``QI_REQUIRES`` (entry-point names), checked."""
+    value = getattr(plugin, REQUIRES_ATTR, ())
+    if (
+        isinstance(value, str)
+        or not isinstance(value, (tuple, list))
+        or not all(isinstance(n, str) and n.strip() for n in value)
+    ):
+        hint = f"; write {REQUIRES_ATTR} = ({value!r},)" if isinstance(value, str) else ""
+        raise PluginError(
+            f"{REQUIRES_ATTR} must be a tuple of plugin (entry-point) names such as ('qwen_image',), "
+            f"got {value!r}{hint}"
+        )
+    return tuple(value)
+
+
+def load_order(
+    names: Sequence[str], requires: Mapping[str, Sequence[str]]
+) -> tuple[list[str], dict[str, list[str]]]:
+    """``names`` reordered so that each comes after the plugins it requires, otherwise keeping the given order
+    (qi's own plugins first). Returns the order and, for each plugin on a requirement cycle, that cycle
+    (``["a", "b", "a"]``); those are placed as soon as only cycles are left, so the rest can still be decided."""
+    by_normal = {normal_name(n): n for n in names}
+    deps = {
+        n: [by_normal[normal_name(r)] for r in requires.get(n, ()) if normal_name(r) in by_normal]
+        for n in names
+    }
+    order: list[str] = []
+    done: set[str] = set()
+    cycles: dict[str, list[str]] = {}
+    while len(order) < len(names):
+        ready = next((n for n in names if n not in done and all(d in done for d in deps[n])), None)
+        if ready is not None:
+            order.append(ready)
+            done.add(ready)
+            continue
+        # every plugin left waits for another one left: some of them are on a cycle
+        for n in [n for n in names if n not in done]:
+            cycle = _cycle_through(n, deps, done)
+            if cycle:
+                cycles[n] = cycle
+                order.append(n)
+        done.update(cycles)
+    return order, cycles
+
+
+def _cycle_through(start: str, deps: Mapping[str, list[str]], done: set[str]) -> list[str]:
+    """The shortest requirement path from ``start`` back to itself among the plugins not ``done``, or []."""
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        nxt = []
+        for n in frontier:
+            for d in deps[n]:
+                if d == start:
+                    return [*paths[n], start]
+                if d not in done and d not in paths:
+                    paths[d] = [*paths[n], d]
+                    nxt.append(d)
+        frontier = nxt
+    return []
 
 
 class PluginHost:
@@ -89,6 +172,7 @@ class PluginHost:
     # -- loading ---------------------------------------------------------------------------------------
     def load_entry_points(self) -> None:
         disabled = disabled_names()
+        loaded: dict[str, object] = {}  # entry-point name -> imported plugin module
         infos = []
         for ep in md.entry_points(group=ENTRY_POINT_GROUP):
             dist = getattr(ep, "dist", None)
@@ -115,16 +199,35 @@ class PluginHost:
                     self.clashes.append(info)
                 continue
             self.plugins[ep.name] = info
-            if ep.name in disabled:
+            if normal_name(ep.name) in disabled:
                 info.status, info.error = "disabled", f"disabled by {DISABLE_ENV}"
                 continue
             try:
-                plugin = ep.load()
+                loaded[ep.name] = ep.load()
             except Exception as e:  # a broken plugin must not take the host down
                 info.status, info.error = "error", f"import failed: {type(e).__name__}: {e}"
                 info.hook = None
+        # every plugin is imported before any registers, so each can load after the plugins it requires
+        declared = {}
+        for name, plugin in loaded.items():
+            try:
+                declared[name] = requirements(plugin)
+            except PluginError:
+                declared[name] = ()  # reported by _register
+        order, cycles = load_order(list(loaded), declared)
+        for name in order:
+            info = self.plugins[name]
+            if name in cycles:
+                info.status, info.requires = "error", list(declared[name])
+                info.error = (
+                    f"requirement cycle {' -> '.join(repr(n) for n in cycles[name])} ({REQUIRES_ATTR}); "
+                    "plugins on a cycle are not loaded: remove one of these requirements"
+                )
                 continue
-            self._register(plugin, info)
+            self._register(loaded[name], info)
+        off = sorted(n for n, p in self.plugins.items() if p.status == "disabled")
+        if off:  # their names are unknown (they are not imported), but they may be what was asked for
+            self.registry.hint = f"Plugins disabled by {DISABLE_ENV}: {', '.join(off)}."
 
     def _owner_of_name(self, name: str) -> PluginInfo | None:
         return next((p for n, p in self.plugins.items() if normal_name(n) == normal_name(name)), None)
@@ -138,7 +241,7 @@ class PluginHost:
             name=name, distribution=None, version=None, module=getattr(plugin, "__name__", None)
         )
         self.plugins[name] = info
-        if name in disabled_names():
+        if normal_name(name) in disabled_names():
             info.status, info.error = "disabled", f"disabled by {DISABLE_ENV}"
             return info
         self._register(plugin, info)
@@ -162,6 +265,19 @@ class PluginHost:
                 f"written for qi hook API {api}, this qi provides {hookspecs.HOOK_API_VERSION}; "
                 "upgrade the plugin or qi"
             )
+            return
+        try:
+            info.requires = list(requirements(plugin))
+        except PluginError as e:
+            info.status, info.error = "error", str(e)
+            return
+        unmet = {r: why for r in info.requires if (why := self._unmet(r)) is not None}
+        if unmet:
+            info.status, info.missing = "missing-dependency", list(unmet)
+            info.error = "not loaded: it requires " + "; and ".join(
+                f"{r!r}, which {w}" for r, w in unmet.items()
+            )
+            self._withhold(plugin, info)
             return
         try:
             self.pm.register(plugin, name=info.name)
@@ -202,34 +318,60 @@ class PluginHost:
                 f"name (qi_core.cli); `qi {shadowed[0]}` runs the built-in. Rename the command(s) in {owner(info)}"
             )
 
-    def _register_callback(self, hook_name: str, plugin_name: str):
-        kind = hookspecs.HOOK_KINDS[hook_name]
+    def _unmet(self, requirement: str) -> str | None:
+        """Why a requirement is not satisfied (the end of "it requires 'x', which …"), or None when it is loaded."""
+        dep = self._owner_of_name(requirement)
+        if dep is None:
+            return (
+                "is not installed (no plugin has that entry-point name); install the distribution that provides "
+                "it, see `qi plugins` for the installed ones"
+            )
+        if dep.status == "disabled":
+            return f"is disabled by {DISABLE_ENV}; remove {dep.name!r} from {DISABLE_ENV}"
+        if self.pm.get_plugin(dep.name) is None:  # a plugin that lost only a command name still loads
+            return f"is not loaded ({dep.status}: {(dep.error or '').removeprefix('not loaded: ')})"
+        return None
 
-        def register(name_or_recipe: Any, obj: Any = None, *, aliases: tuple[str, ...] = (), **meta: Any):
-            if kind == "pipeline":
-                recipe = name_or_recipe
-                if not isinstance(recipe, Recipe):
-                    raise RegistrationError(
-                        f"{plugin_name}: qi_register_pipelines expects register(Recipe(...)), "
-                        f"got {type(recipe).__name__}"
-                    )
-                entry = Entry(kind, recipe.name, recipe, plugin_name, meta, tuple(aliases))
-            else:
-                if obj is None:
-                    raise RegistrationError(f"{plugin_name}: register({name_or_recipe!r}) needs an object")
-                entry = Entry(kind, name_or_recipe, obj, plugin_name, meta, tuple(aliases))
+    def _withhold(self, plugin: object, info: PluginInfo) -> None:
+        """Record the names a plugin that is not loaded would register (its hooks run against a recorder; nothing
+        reaches the registry), so looking one of them up explains why it is missing."""
+        entries: list[Entry] = []
+        for hook_name in hookspecs.HOOKS:
+            fn = getattr(plugin, hook_name, None)
+            if fn is None or getattr(fn, f"{hookspecs.PROJECT}_impl", None) is None:
+                continue
+            try:
+                fn(register=self._register_callback(hook_name, info.name, record=entries))
+            except Exception:  # only the names matter here; the hook's own errors show once it can load
+                continue
+        for entry in entries:
+            self.registry.withhold(entry, (info.error or "").removeprefix("not loaded: "))
+            info.withheld.setdefault(entry.kind, []).append(entry.name)
+
+    def _register_callback(
+        self, hook_name: str, plugin_name: str, *, record: list[Entry] | None = None
+    ) -> Callable[..., None]:
+        """The ``register`` handed to one plugin's hook: checked arguments, then name clashes, then the registry
+        (or, with ``record``, only collected)."""
+
+        def add(entry: Entry) -> None:
+            if record is not None:
+                record.append(entry)
+                return
             for n in (entry.name, *entry.aliases):
                 try:
-                    taken = self.registry.get(kind, n)
-                except (UnknownNameError, KeyError):
+                    taken = self.registry.get(entry.kind, n)
+                except UnknownNameError:
                     continue
                 raise NameClashError(
-                    f"{kind} {n!r} is already registered by {owner(self.plugins.get(taken.plugin), taken.plugin)}; "
+                    f"{entry.kind} {n!r} is already registered by "
+                    f"{owner(self.plugins.get(taken.plugin), taken.plugin)}; "
                     f"rename it in {owner(self.plugins.get(plugin_name), plugin_name)}"
                 )
             self.registry.add(entry)
 
-        return register
+        kind = hookspecs.HOOK_KINDS[hook_name]
+        return make_register(kind, plugin_name, f"plugin {plugin_name!r}, {hook_name}: register()", add)
 
     # -- reporting -------------------------------------------------------------------------------------
     def report(self) -> list[PluginInfo]:
@@ -261,9 +403,99 @@ def reset() -> None:
         _host = None
 
 
-def register(kind: str, name: str, obj: Any, *, replace: bool = False, **meta: Any) -> None:
-    """Register one part from user code, e.g. ``qi.register("adapter", "my-style", MyAdapter)``."""
-    host().registry.add(Entry(kind, name, obj, USER, meta), replace=replace)
+def register(kind: str, name: Any, obj: Any = None, *, replace: bool = False, **options: Any) -> None:
+    """Register one part from user code, with the checks and keywords of the kind's hook ``register``
+    (:data:`qi_core.hookspecs.REGISTER`): ``qi.register("adapter", "my-style", MyAdapter)``,
+    ``qi.register("encoder", "my-te", make_te, role="text_encoder")``, ``qi.register("pipeline", Recipe(...))``.
+    ``replace=True`` overrides a registered name on purpose."""
+    if kind not in KINDS:
+        close = difflib.get_close_matches(str(kind), KINDS, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RegistrationError(f"qi.register: unknown part kind {kind!r}.{hint} Kinds: {', '.join(KINDS)}")
+    args: tuple[Any, ...] = (name, obj)
+    # a recipe is registered under its own name: qi.register("pipeline", recipe) or ("pipeline", name, recipe)
+    if kind == "pipeline":
+        recipe = name if obj is None else obj
+        if obj is not None and isinstance(recipe, Recipe) and recipe.name != name:
+            raise RegistrationError(
+                f"qi.register('pipeline', {name!r}, ...): the recipe is named {recipe.name!r}; a recipe is "
+                "registered under its own name, so pass qi.register('pipeline', recipe)"
+            )
+        args = (recipe,)
+    reg = host().registry
+    callback = make_register(
+        kind, USER, f"qi.register({kind!r}, ...)", lambda e: reg.add(e, replace=replace), user=True
+    )
+    callback(*args, **options)
+
+
+def make_register(
+    kind: str, plugin: str, where: str, add: Callable[[Entry], None], *, user: bool = False
+) -> Callable[..., None]:
+    """A ``register`` callback for one kind with the signature of its stub in
+    :data:`qi_core.hookspecs.REGISTER`: arguments are bound and checked, then ``add(Entry)`` is called.
+    ``where`` starts each error message (``"plugin 'x', qi_register_encoders: register()"``); ``user``: the
+    messages show the ``qi.register`` form."""
+    stub = hookspecs.REGISTER[_HOOK_OF_KIND[kind]]
+    sig = inspect.signature(stub)
+    plain = hookspecs.plain_signature(sig)
+    shown = f"qi.register({kind!r}, {plain[1:-1]}, replace=False)" if user else f"register{plain}"
+
+    def register(*args: Any, **kwargs: Any) -> None:
+        keywords = [n for n, p in sig.parameters.items() if p.kind is not p.POSITIONAL_ONLY]
+        for k in kwargs:
+            if k not in keywords:
+                close = difflib.get_close_matches(k, keywords, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RegistrationError(f"{where} got an unknown keyword {k!r}{hint}; it takes {shown}")
+        try:
+            bound = sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise RegistrationError(f"{where}: {e}; it takes {shown}") from None
+        bound.apply_defaults()
+        entry = _entry(kind, plugin, where, dict(bound.arguments))
+        add(entry)
+
+    register.__signature__ = sig  # type: ignore[attr-defined]
+    register.__doc__ = stub.__doc__
+    return register
+
+
+_HOOK_OF_KIND = {kind: hook for hook, kind in hookspecs.HOOK_KINDS.items()}
+
+
+def _entry(kind: str, plugin: str, where: str, args: dict[str, Any]) -> Entry:
+    """The registry entry for checked ``register`` arguments; a value of the wrong type is a RegistrationError."""
+    if kind == "pipeline":
+        recipe = args["recipe"]
+        if not isinstance(recipe, Recipe):
+            raise RegistrationError(f"{where}: expects register(Recipe(...)), got {type(recipe).__name__}")
+        return Entry(kind, recipe.name, recipe, plugin)
+    name = args.pop("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RegistrationError(f"{where}: a {kind} needs a non-empty string name, got {name!r}")
+    aliases = args.pop("aliases")
+    if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        fix = f" (write aliases=({aliases!r},))" if isinstance(aliases, str) else ""
+        raise RegistrationError(
+            f"{where}: aliases of {kind} {name!r} must be a tuple of names, got {aliases!r}{fix}"
+        )
+    label, obj = next(iter(args.items()))  # the factory / configure / backend
+    if obj is None or not (callable(obj) or (isinstance(obj, str) and ":" in obj)):
+        raise RegistrationError(
+            f"{where}: the {label} of {kind} {name!r} must be a callable or a 'module:attribute' string, "
+            f"got {obj!r}"
+        )
+    meta = {k: v for k, v in args.items() if k != label}
+    role = meta.get("role")
+    if "role" in meta and not (isinstance(role, str) and role.isidentifier()):
+        raise RegistrationError(
+            f"{where}: role of encoder {name!r} must be the recipe slot it fills, an identifier such as "
+            f"'text_encoder' or 'vae', got {role!r}"
+        )
+    if "help" in meta and not isinstance(meta["help"], str):
+        raise RegistrationError(f"{where}: help of command {name!r} must be a string, got {meta['help']!r}")
+    return Entry(kind, name, obj, plugin, meta, tuple(aliases))
 
 
 def plugin_module(name: str, **hooks: Any) -> types.ModuleType:

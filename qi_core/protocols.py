@@ -23,6 +23,7 @@ from qi_core.params import CallParams, undeclared
 if TYPE_CHECKING:
     import torch
 
+    from qi_core.conditioning import Conditioning
     from qi_core.pipeline import Pipeline, RunState
 
 
@@ -77,16 +78,27 @@ class Denoiser(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    def encode_prompt(
-        self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None
-    ) -> TextSegment:
-        """Encode one prompt (optionally with images for vision-language templates)."""
+    """Prompt → text tokens (``qi_register_encoders``, role ``text_encoder``)."""
+
+    def encode_prompt(self, prompt: str, *, images: Sequence[Any] | None = None, template: str | None = None,
+                      drop: int | None = None, max_tokens: int | None = None,
+                      processor: Any = None) -> TextSegment:  # fmt: skip
+        """Encode one prompt (optionally with images for vision-language templates).
+
+        ``template``: a format string around the prompt; ``drop``: leading template tokens removed from the
+        result (None: the default template's); ``max_tokens``: prompt tokens kept after them (None: the
+        encoder's limit); ``processor``: the vision-language processor for this call (None: the encoder's own).
+        Injectors pass these through :meth:`Injector.prompt_inputs`.
+        """
 
 
 @runtime_checkable
 class Autoencoder(Protocol):
-    latent_channels: int
-    scale_factor: int
+    """Image ↔ normalised latents (``qi_register_encoders``, role ``vae``)."""
+
+    latent_channels: int  # z, the channels of a latent
+    scale_factor: int  # pixels per latent along each side (8)
+    image_channels: int  # channels of the images it encodes and decodes: 3 (RGB) or 4 (RGBA)
 
     def encode(
         self, image: torch.Tensor, *, tiled: bool = False, tile_size: Any = 128, tile_stride: Any = 64
@@ -109,6 +121,12 @@ class Injector:
     #: :mod:`qi_core.params`. ``params`` is derived from it: {name: default}.
     Params: type[CallParams] = CallParams
     params: dict[str, Any] = {}
+    #: Training: decoders of metadata columns holding files, ``{column: loader(path, size) -> value}``
+    #: (:mod:`qi_core.sizing`; default RGB sized like the target). Read per run from the pipeline's injectors.
+    file_loaders: dict[str, Callable[..., Any]] = {}
+    #: Training: ``{columns: adapter({column: value}) -> {call parameter: value}}`` for ``--extra_inputs``
+    #: columns that are not call parameters themselves (:func:`qi_core.conditioning.adapt_columns`).
+    column_adapters: dict[tuple[str, ...], Callable[..., Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -213,9 +231,21 @@ AttentionBackend = Callable[
 
 
 class TrainingTask(Protocol):
-    name: str
+    """A training loss (``qi_register_training_tasks``): the trainer loads rows, has the task encode them,
+    batches the results and steps the optimizer on ``loss``."""
 
-    def loss(self, pipe: Pipeline, batch: dict[str, Any], generator: Any) -> torch.Tensor: ...
+    name: str
+    required_columns: tuple[str, ...]  # metadata columns every row needs a value in, e.g. ("image", "prompt")
+
+    def configure(self, args: Any) -> None:
+        """Read the run's training arguments (e.g. timestep boundaries) before the first sample."""
+
+    def encode(self, pipe: Pipeline, sample: dict[str, Any], **kw: Any) -> Conditioning:
+        """One row (files loaded, ``"_where"`` naming it) → its conditioning; usually
+        :func:`qi_core.conditioning.encode_sample` (``kw``: ``extra_inputs``, ``overrides``)."""
+
+    def loss(self, pipe: Pipeline, batch: Conditioning, generator: Any) -> torch.Tensor:
+        """The loss of one batch (a 0-d tensor); ``generator``: one ``torch.Generator`` per sample."""
 
 
 def component_module(component: Any) -> Any:

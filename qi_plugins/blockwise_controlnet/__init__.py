@@ -10,6 +10,7 @@ from __future__ import annotations
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
+from qi_plugins.qwen_image.names import INPUT_IMAGE, SCHEDULER
 
 QI_HOOK_API = 1
 QI_REQUIRES = ("qwen_image",)  # the base text encoder, DiT, VAE and schedule
@@ -51,8 +52,8 @@ def qi_register_pipelines(register):
                         part=PART, subfolder=None, model=hub_id, pattern="model.safetensors", required=False
                     ),
                 },
-                scheduler="qwen-image",
-                injectors=("input-image", "blockwise-controlnet"),
+                scheduler=SCHEDULER,
+                injectors=(INPUT_IMAGE, "blockwise-controlnet"),
                 defaults=defaults,
                 model="Qwen/Qwen-Image",
                 model_ids=(hub_id,),

@@ -19,6 +19,7 @@ from qi_core.images import image_to_tensor, load_image
 from qi_core.params import CallParams, Entries, param
 from qi_core.protocols import Injector
 from qi_plugins.blockwise_controlnet.inputs import ControlNetInput, active, as_controlnet_inputs
+from qi_plugins.blockwise_controlnet.training import COLUMNS, columns_to_inputs
 
 ROLE = "blockwise_controlnet"  # the component slot holding the loaded ControlNets
 
@@ -58,6 +59,9 @@ class BlockwiseControlNetInjector(Injector):
         blockwise_controlnet_inputs: Entries = param(
             None, "control inputs: ControlNetInput(image=, scale=, start=, end=, controlnet_id=, inpaint_mask=) "
             "or dicts with those fields", kind="entries")  # fmt: skip
+
+    # qi train: the seed's blockwise_controlnet_* metadata columns → one ControlNetInput
+    column_adapters = {COLUMNS: columns_to_inputs}
 
     def validate(self, pipe, state) -> None:
         inputs = as_controlnet_inputs(state.params["blockwise_controlnet_inputs"])
@@ -105,7 +109,6 @@ class BlockwiseControlNetInjector(Injector):
         size = (state.params["width"], state.params["height"])
         conds = []
         with pipe.using("vae") as vae:
-            vae = vae or pipe.components["vae"]
             for k, (image, mask) in enumerate(zip(d["images"], d["masks"], strict=True)):
                 conds.append(conditioning(vae, image, mask, size, state))
                 pipe.trace(f"controlnet_conditioning_{k}", conds[-1])
@@ -122,7 +125,7 @@ class BlockwiseControlNetInjector(Injector):
         if "nets" not in d:
             # the ControlNets are in use from the first active step to the end of denoising
             d["stack"] = stack = ExitStack()
-            nets = stack.enter_context(pipe.using(ROLE)) or pipe.components[ROLE]
+            nets = stack.enter_context(pipe.using(ROLE))
             d["nets"] = nets
             # a ControlNet being trained projects in the denoiser's forward (see ControlResidual.project)
             d["trained"] = any(p.requires_grad for p in nets.parameters())
@@ -202,9 +205,6 @@ def masked_image(image: Image.Image, mask: Image.Image) -> Image.Image:
     arr[m > 0] = 0
     return Image.fromarray(arr)
 
-
-# registers the training column adapter (blockwise_controlnet_image, … → blockwise_controlnet_inputs)
-from qi_plugins.blockwise_controlnet import training as _training  # noqa: E402, F401
 
 __all__ = [
     "BlockwiseControlNetInjector",

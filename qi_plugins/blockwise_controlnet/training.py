@@ -9,8 +9,8 @@
 
 * The seed's metadata columns ``blockwise_controlnet_image`` (and ``blockwise_controlnet_inpaint_mask``, …: any
   ``ControlNetInput`` field prefixed ``blockwise_controlnet_``) named in ``--extra_inputs`` are gathered into one
-  ``ControlNetInput`` for ``blockwise_controlnet_inputs`` (a column adapter registered when the injector module
-  is imported, i.e. when a ControlNet recipe is composed).
+  ``ControlNetInput`` for ``blockwise_controlnet_inputs`` by :func:`columns_to_inputs`, the column adapter the
+  injector declares (``column_adapters``), so it applies to runs of a ControlNet recipe only.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.errors import InvalidInputError, ModelLoadError
-from qi_core.training.data import register_column_adapter
 from qi_plugins.blockwise_controlnet.inputs import FIELDS, ControlNetInput
 
 PREFIX = (
@@ -48,9 +47,6 @@ def columns_to_inputs(values: dict[str, Any]) -> dict[str, Any]:
         if isinstance(fields.get(name), str):
             fields[name] = float(fields[name])
     return {"blockwise_controlnet_inputs": [ControlNetInput(**fields)]}
-
-
-register_column_adapter(COLUMNS, columns_to_inputs)
 
 
 def dit_size(dit: Any) -> tuple[int, int]:

@@ -10,6 +10,8 @@ in the template             becomes (NAME = ``my-variant``)  where
 ``qi_plugin_example``       ``qi_plugin_my_variant``         package folder, imports, test file name
 ``qwen-image-example``      ``qwen-image-my-variant``        the registered recipe
 ``example-karras``          ``my-variant-karras``            the registered schedule
+``example-rescaled-cfg``    ``my-variant-rescaled-cfg``      the registered guider
+``example-midpoint``        ``my-variant-midpoint``          the registered sampler
 ``example``                 ``my_variant``                   entry-point name, ``NAME``, QI_DISABLE_PLUGINS
 ==========================  ===============================  =====================================
 
@@ -75,6 +77,8 @@ def check_name_free(name: str) -> None:
         for kind, derived in (
             ("pipeline", f"qwen-image-{hyphenated}"),
             ("scheduler", f"{hyphenated}-karras"),
+            ("guider", f"{hyphenated}-rescaled-cfg"),
+            ("sampler", f"{hyphenated}-midpoint"),
         ):
             if derived in registry.names(kind):
                 who = registry.get(kind, derived).plugin
@@ -96,6 +100,8 @@ def render_text(text: str, hyphenated: str, underscored: str) -> str:
         (f"qi_plugin_{TEMPLATE_NAME}", f"qi_plugin_{underscored}"),
         (f"qwen-image-{TEMPLATE_NAME}", f"qwen-image-{hyphenated}"),
         (f"{TEMPLATE_NAME}-karras", f"{hyphenated}-karras"),
+        (f"{TEMPLATE_NAME}-rescaled-cfg", f"{hyphenated}-rescaled-cfg"),
+        (f"{TEMPLATE_NAME}-midpoint", f"{hyphenated}-midpoint"),
     ):
         text = text.replace(old, new)
     return re.sub(rf"\b{TEMPLATE_NAME}\b", underscored, text)

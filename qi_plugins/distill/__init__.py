@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
+from qi_plugins.qwen_image.names import DIT, INPUT_IMAGE, SCHEDULER, TEXT_ENCODER, VAE
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # the base parts; the Distill-LoRA is a preset LoRA
 _P = "qi_plugins.distill.parts"
 
 DEFAULTS = {"num_inference_steps": 15, "cfg_scale": 1.0, "height": 1328, "width": 1328}
 BASE = {
-    "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
-    "dit": Component(part="qwen-image-dit", subfolder="transformer", kind="denoiser"),
-    "vae": Component(part="qwen-image-vae", subfolder="vae"),
+    "text_encoder": Component(part=TEXT_ENCODER, subfolder="text_encoder"),
+    "dit": Component(part=DIT, subfolder="transformer", kind="denoiser"),
+    "vae": Component(part=VAE, subfolder="vae"),
 }
 
 
@@ -49,12 +51,13 @@ def qi_register_pipelines(register):
             name="qwen-image-distill-lora",
             description="Qwen-Image + Distill-LoRA fused: 15 steps, cfg 1",
             components=BASE,
-            scheduler="qwen-image",
-            injectors=("input-image",),
+            scheduler=SCHEDULER,
+            injectors=(INPUT_IMAGE,),
             adapters=("distill-lora",),
             defaults=DEFAULTS,
             model="Qwen/Qwen-Image",
             model_ids=("DiffSynth-Studio/Qwen-Image-Distill-LoRA",),
+            tiny="qi_plugins.distill.tiny:make_tiny_distill_model",
         )
     )
     register(
@@ -72,10 +75,11 @@ def qi_register_pipelines(register):
                     pattern="diffusion_pytorch_model*",
                 ),  # fmt: skip
             },
-            scheduler="qwen-image",
-            injectors=("input-image",),
+            scheduler=SCHEDULER,
+            injectors=(INPUT_IMAGE,),
             defaults=DEFAULTS,
             model="Qwen/Qwen-Image",
             model_ids=("DiffSynth-Studio/Qwen-Image-Distill-Full",),
+            tiny="qi_plugins.distill.tiny:make_tiny_distill_model",
         )
     )

@@ -17,6 +17,7 @@ from qi_plugins.edit.recipes import (
 )
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # the base parts; the Lowres-Fix adapter is a LoRA
 
 
 @hookimpl

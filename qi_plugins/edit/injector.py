@@ -142,7 +142,6 @@ class EditImage(Injector):
             [_resize(im, *area_size(*im.size, VL_AREA)) for im in d.vae_images] if d.multi else d.vae_images
         )
         with pipe.using("vae") as vae:
-            vae = vae or pipe.components["vae"]
             for k, im in enumerate(d.vae_images):
                 x = image_to_tensor(im.convert("RGB"), state.dtype).to(state.device)
                 d.latents.append(vae.encode(x, **state.vae_kwargs()))

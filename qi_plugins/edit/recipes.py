@@ -7,10 +7,11 @@ from typing import Any
 
 from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
+from qi_plugins.qwen_image.names import INPUT_IMAGE, SCHEDULER
 
 PROCESSOR_PART = "qwen2-vl-processor"
 COMPONENTS = {**BASE_COMPONENTS, "processor": Component(part=PROCESSOR_PART, subfolder="processor")}
-INJECTORS = ("input-image", "edit-image")  # img2img / inpaint work with the edit models too, as in DiffSynth
+INJECTORS = (INPUT_IMAGE, "edit-image")  # img2img / inpaint work with the edit models too, as in DiffSynth
 LOWRES_FIX_LORA = "DiffSynth-Studio/Qwen-Image-Edit-Lowres-Fix"  # its model.safetensors, fused with alpha 1
 LOWRES_FIX_FILE = "model.safetensors"
 LOWRES_FIX_ADAPTER = "qwen-image-edit-lowres-fix-lora"
@@ -38,7 +39,7 @@ def recipes(with_lora: bool) -> list[Recipe]:
             name=name,
             description=description,
             components=COMPONENTS,
-            scheduler="qwen-image",
+            scheduler=SCHEDULER,
             injectors=INJECTORS,
             required=("edit_image",),
             adapters=adapters,
@@ -52,6 +53,7 @@ def recipes(with_lora: bool) -> list[Recipe]:
             },
             model=model,
             model_ids=model_ids or (model,),
+            tiny="qi_plugins.edit.tiny:make_tiny_edit_model",
         )
 
     return [

@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from qi_core.errors import InvalidInputError
-from qi_core.training.data import SizeSpec, load_rgb
+from qi_core.sizing import SizeSpec, load_rgb
 
 METADATA_MARK = "qi:edit_image_file"  # PIL info key: the metadata file this edit image was loaded from
 FORMS = (None, "single", "list")  # values of the edit_image_form call parameter

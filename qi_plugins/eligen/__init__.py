@@ -9,8 +9,10 @@ from __future__ import annotations
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
+from qi_plugins.qwen_image.names import INPUT_IMAGE, SCHEDULER
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # the base parts; the entity LoRAs are fused as LoRAs
 _P = "qi_plugins.eligen"
 
 # The negative prompt of DiffSynth-Studio's EliGen-V2 / Poster (and In-Context) example scripts.
@@ -64,11 +66,12 @@ def qi_register_pipelines(register):
                         required=False,
                     ),
                 },
-                scheduler="qwen-image",
-                injectors=("input-image", "eligen"),
+                scheduler=SCHEDULER,
+                injectors=(INPUT_IMAGE, "eligen"),
                 adapters=("eligen-lora",),
                 defaults=defaults,
                 model="Qwen/Qwen-Image",
                 model_ids=(lora_id,),
+                tiny="qi_plugins.eligen.tiny:make_tiny_eligen_model",
             )
         )

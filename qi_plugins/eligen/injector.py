@@ -38,7 +38,9 @@ class EliGen(Injector):
     name = "eligen"
 
     class Params(CallParams):
-        eligen_entity_prompts: list[str] | None = param(None, "a list of strings: one prompt per region (entity)")
+        eligen_entity_prompts: list[str] | None = param(
+            None, "a list of strings: one prompt per region (entity)"
+        )
         eligen_entity_masks: ImageList = param(None, "one mask per entity prompt, white = its region; the output's "
                                             "aspect ratio", kind="masks")  # fmt: skip
         eligen_enable_on_negative: bool = param(False, "also apply the regions on the negative side")
@@ -94,7 +96,6 @@ class EliGen(Injector):
         d["entity_masks"] = masks.to(state.device)
         pipe.trace("entity_masks", d["entity_masks"])
         with pipe.using("text_encoder") as te:
-            te = te or pipe.components["text_encoder"]
             segments = [te.encode_prompt(s, max_tokens=ENTITY_MAX_TOKENS) for s in d["prompts"]]
         for k, seg in enumerate(segments):
             seg.emb = seg.emb.to(state.device, state.dtype)

@@ -16,6 +16,7 @@ from qi_core.hookspecs import hookimpl
 from qi_core.plugin_host import lazy_attributes
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # the base text encoder; its output is a LoRA of the LoRA plugin
 
 _LAZY = {
     "Image2LoRA": "qi_plugins.i2l.model",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
+from qi_plugins.qwen_image.names import INPUT_IMAGE, SCHEDULER
 
 QI_HOOK_API = 1
 QI_REQUIRES = ("qwen_image", "eligen")  # the base parts; the LoRA-as-component helper is EliGen's
@@ -52,8 +53,8 @@ def qi_register_pipelines(register):
                     required=False,
                 ),
             },
-            scheduler="qwen-image",
-            injectors=("input-image", "context-image", "context-control-prefix"),
+            scheduler=SCHEDULER,
+            injectors=(INPUT_IMAGE, "context-image", "context-control-prefix"),
             adapters=("in-context-lora",),
             defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1024, "width": 1024,
                       "negative_prompt": NEGATIVE_PROMPT_ZH},

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
+from qi_plugins.qwen_image.names import SCHEDULER, TEXT_ENCODER, VAE
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # its DiT extends the base one; Control-V2 is a preset LoRA
 
 LAYERED_MODEL = "Qwen/Qwen-Image-Layered"
 CONTROL_MODEL = "DiffSynth-Studio/Qwen-Image-Layered-Control"
@@ -41,11 +43,11 @@ def qi_register_pipelines(register):
             name="qwen-image-layered",
             description="Qwen-Image-Layered: an RGBA image → the composite + layer_num RGBA layers",
             components={
-                "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
+                "text_encoder": Component(part=TEXT_ENCODER, subfolder="text_encoder"),
                 "dit": DIT,
-                "vae": Component(part="qwen-image-vae", subfolder="vae"),  # RGBA: input_channels 4
+                "vae": Component(part=VAE, subfolder="vae"),  # RGBA: input_channels 4
             },
-            scheduler="qwen-image",
+            scheduler=SCHEDULER,
             injectors=("layered",),
             required=("layer_input_image",),
             # DiffSynth's example: 50 steps, layer_num 3, 864x480 (the input image's size)
@@ -67,16 +69,16 @@ def qi_register_pipelines(register):
             description="Qwen-Image-Layered-Control: the layer the prompt (or a brush-mask context_image) names",
             components={
                 # text encoder + tokenizer from the pipeline's model (Qwen/Qwen-Image)
-                "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
+                "text_encoder": Component(part=TEXT_ENCODER, subfolder="text_encoder"),
                 "dit": Component(
                     part="qwen-image-layered-dit",
                     subfolder="transformer",
                     kind="denoiser",
                     model=CONTROL_MODEL,
                 ),  # fmt: skip
-                "vae": Component(part="qwen-image-vae", subfolder="vae", model=LAYERED_MODEL),
+                "vae": Component(part=VAE, subfolder="vae", model=LAYERED_MODEL),
             },
-            scheduler="qwen-image",
+            scheduler=SCHEDULER,
             injectors=("layered",),
             required=("layer_input_image",),
             # DiffSynth's example: 1024², 30 steps, cfg 4, one output layer (V2 + mask: 10 steps, cfg 1)
@@ -89,6 +91,7 @@ def qi_register_pipelines(register):
             },
             model="Qwen/Qwen-Image",
             model_ids=(CONTROL_MODEL,),
+            tiny="qi_plugins.layered.tiny:make_tiny_layered_control_model",
         )
     )
 

@@ -72,7 +72,6 @@ class LayeredInjector(Injector):
             size = (state.params["width"], state.params["height"])
             images["context"] = d["context"].convert(mode).resize(size, Image.BICUBIC)
         with pipe.using("vae") as vae:
-            vae = vae or pipe.components["vae"]
             for key, image in images.items():
                 x = image_to_tensor(image, state.dtype).to(state.device)
                 d[key + "_latents"] = vae.encode(x, **state.vae_kwargs())

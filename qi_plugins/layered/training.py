@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from qi_core.training.data import SizeSpec, crop_and_resize
+from qi_core.sizing import SizeSpec, crop_and_resize
 
 
 def load_rgba(path: str, size: SizeSpec) -> Image.Image:

@@ -12,14 +12,16 @@ from collections.abc import Iterator, Mapping
 
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
+from qi_plugins.qwen_image.names import DIT, INPUT_IMAGE, TEXT_ENCODER, VAE
 
 QI_HOOK_API = 1
+QI_REQUIRES = ("qwen_image", "lora")  # the base parts and schedule; its LoRAs are preset LoRAs
 _P = "qi_plugins.lightning.parts"
 
 BASE_COMPONENTS = {
-    "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
-    "dit": Component(part="qwen-image-dit", subfolder="transformer", kind="denoiser"),
-    "vae": Component(part="qwen-image-vae", subfolder="vae"),
+    "text_encoder": Component(part=TEXT_ENCODER, subfolder="text_encoder"),
+    "dit": Component(part=DIT, subfolder="transformer", kind="denoiser"),
+    "vae": Component(part=VAE, subfolder="vae"),
 }
 
 
@@ -85,11 +87,12 @@ def qi_register_pipelines(register):
             description="Qwen-Image with the Lightning LoRA fused: 8 steps (or 4), cfg 1, μ = ln 3 schedule",
             components=BASE_COMPONENTS,
             scheduler="qwen-image-lightning",
-            injectors=("input-image",),
+            injectors=(INPUT_IMAGE,),
             adapters=("lightning",),
             defaults={"num_inference_steps": 8, "cfg_scale": 1.0, "height": 1328, "width": 1328},
             model="Qwen/Qwen-Image",
             model_ids=("lightx2v/Qwen-Image-Lightning",),
+            tiny="qi_plugins.lightning.tiny:make_tiny_lightning_model",
         )
     )
     register(
@@ -98,7 +101,7 @@ def qi_register_pipelines(register):
             description="Qwen-Image-Edit-2511 with its Lightning LoRA fused: 4 steps, cfg 1 (needs the edit plugin)",
             components=BorrowedComponents("qwen-image-edit-2511"),
             scheduler="qwen-image-lightning",
-            injectors=("input-image", "edit-image"),
+            injectors=(INPUT_IMAGE, "edit-image"),
             adapters=("lightning",),
             defaults={
                 "num_inference_steps": 4,
@@ -108,5 +111,6 @@ def qi_register_pipelines(register):
             },
             model="Qwen/Qwen-Image-Edit-2511",
             model_ids=("lightx2v/Qwen-Image-Edit-2511-Lightning",),
+            tiny="qi_plugins.lightning.tiny:make_tiny_lightning_model",
         )
     )

@@ -13,6 +13,7 @@ from qi_core.hookspecs import hookimpl
 from qi_core.plugin_host import lazy_attributes
 
 QI_HOOK_API = 1
+QI_REQUIRES = ()
 
 _LAZY = {
     "LoRA": "qi_plugins.lora.adapter",

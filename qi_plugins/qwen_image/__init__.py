@@ -8,47 +8,49 @@ from __future__ import annotations
 
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
+from qi_plugins.qwen_image.names import DIT, INPUT_IMAGE, RECIPE, SCHEDULER, TEXT_ENCODER, VAE
 
 QI_HOOK_API = 1
+QI_REQUIRES = ()  # the base plugin needs no other plugin
 _P = "qi_plugins.qwen_image.parts"
 
 COMPONENTS = {
-    "text_encoder": Component(part="qwen2.5-vl", subfolder="text_encoder"),
-    "dit": Component(part="qwen-image-dit", subfolder="transformer", kind="denoiser"),
-    "vae": Component(part="qwen-image-vae", subfolder="vae"),
+    "text_encoder": Component(part=TEXT_ENCODER, subfolder="text_encoder"),
+    "dit": Component(part=DIT, subfolder="transformer", kind="denoiser"),
+    "vae": Component(part=VAE, subfolder="vae"),
 }
 
 
 @hookimpl
 def qi_register_encoders(register):
-    register("qwen2.5-vl", f"{_P}:text_encoder", role="text_encoder")
-    register("qwen-image-vae", f"{_P}:vae", role="vae")
+    register(TEXT_ENCODER, f"{_P}:text_encoder", role="text_encoder")
+    register(VAE, f"{_P}:vae", role="vae")
 
 
 @hookimpl
 def qi_register_denoisers(register):
-    register("qwen-image-dit", f"{_P}:dit")
+    register(DIT, f"{_P}:dit")
 
 
 @hookimpl
 def qi_register_schedulers(register):
-    register("qwen-image", f"{_P}:scheduler")
+    register(SCHEDULER, f"{_P}:scheduler")
 
 
 @hookimpl
 def qi_register_injectors(register):
-    register("input-image", "qi_plugins.qwen_image.injectors:InputImage")
+    register(INPUT_IMAGE, "qi_plugins.qwen_image.injectors:InputImage")
 
 
 @hookimpl
 def qi_register_pipelines(register):
     register(
         Recipe(
-            name="qwen-image",
+            name=RECIPE,
             description="Qwen-Image text-to-image, img2img and inpainting (also Qwen-Image-2512, Distill-Full)",
             components=COMPONENTS,
-            scheduler="qwen-image",
-            injectors=("input-image",),
+            scheduler=SCHEDULER,
+            injectors=(INPUT_IMAGE,),
             defaults={"num_inference_steps": 30, "cfg_scale": 4.0, "height": 1328, "width": 1328},
             model="Qwen/Qwen-Image",
             tiny="qi_plugins.qwen_image.tiny:make_tiny_model",

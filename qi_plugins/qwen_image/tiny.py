@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from qi_core.atomic import atomic_folder
+from qi_core.composer import TINY_HUB
 from qi_core.errors import InvalidInputError
 from qi_plugins.qwen_image.dit import DiTConfig, QwenImageDiT
 from qi_plugins.qwen_image.tiny_text import build_processor, build_text_encoder, build_tokenizer
@@ -125,3 +127,44 @@ def make_tiny_model(
         )
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     return out
+
+
+# -- what variant plugins build on ------------------------------------------------------------------------
+def save_dit(dit: QwenImageDiT, folder: Path) -> None:
+    """``folder``/config.json + diffusion_pytorch_model.safetensors, as the official ``transformer/``."""
+    _save(dit, folder, _config_json("QwenImageTransformer2DModel", dit.config))
+
+
+def save_vae(vae: QwenImageVAE, folder: Path) -> None:
+    """``folder``/config.json + diffusion_pytorch_model.safetensors, as the official ``vae/``."""
+    _save(vae, folder, _config_json("AutoencoderKLQwenImage", vae.config))
+
+
+def hub_folder(root: str | os.PathLike, model_id: str) -> Path:
+    """Where a tiny model keeps the repository ``model_id`` (``ORG/NAME``) its recipe names besides the model
+    itself; ``qi.compose(..., model="tiny")`` serves that id from here instead of downloading it."""
+    return Path(root) / TINY_HUB / model_id
+
+
+def make_tiny_model_with(
+    out_dir: str | os.PathLike,
+    extras: Callable[[Path, int], None],
+    *,
+    seed: int = 0,
+    overwrite: bool = False,
+    **base: object,
+) -> Path:
+    """The tiny base model (``make_tiny_model(**base)``) plus ``extras(folder, seed)``, which writes what a
+    variant adds (LoRAs, ControlNets, other DiTs under :func:`hub_folder`); built beside ``out_dir`` and
+    renamed into place, so an interrupted build leaves nothing half-written."""
+    out = Path(out_dir)
+    with atomic_folder(out, overwrite) as tmp:
+        make_tiny_model(tmp, seed=seed, overwrite=True, **base)
+        extras(tmp, seed)
+    return out
+
+
+def meta_dit(config: DiTConfig = TINY_DIT) -> QwenImageDiT:
+    """The tiny DiT's module tree without weights (meta device): names and shapes for tiny LoRAs."""
+    with torch.device("meta"):
+        return QwenImageDiT(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from qi_core.hookspecs import hookimpl
 
 QI_HOOK_API = 1
+QI_REQUIRES = ()
 _P = "qi_plugins.sampling"
 
 

@@ -1,30 +1,45 @@
-"""Training tasks and commands: ``sft`` (flow matching with DiffSynth's timestep weighting) and
-``direct_distill`` as plugins of the training-task hook, and the ``qi train`` / ``qi validate`` commands.
+"""Training: the trainer behind ``qi train`` / ``qi validate`` and its tasks, ``sft`` (flow matching with
+DiffSynth's timestep weighting) and ``direct_distill``, as plugins of the training-task hook.
 
     qi train --dataset_base_path data --dataset_metadata_path data/metadata.csv --model Qwen/Qwen-Image \\
         --lora_base_model dit --lora_rank 32 --output_path out
     qi validate "a dog" --model Qwen/Qwen-Image --checkpoint out --out dog.png
 
-    from qi_plugins.sft import train          # the trainer with the LoRA plugin's file readers wired in
+    from qi_plugins.sft import make_args, train
+    result = train(make_args(dataset_base_path="data", dataset_metadata_path="data/metadata.csv",
+                             lora_base_model="dit", output_path="out"))
+
+The core holds only the contract (:class:`qi_core.protocols.TrainingTask`, :mod:`qi_core.conditioning`,
+:mod:`qi_core.sizing`). Here: ``args`` (DiffSynth's ``train.py`` arguments), ``data`` (metadata, datasets),
+``batching``, ``plan`` (the deterministic epoch order), ``models`` (sources, what is trained, fp8 storage),
+``trainer`` (the loop, accelerate), ``checkpoint``, ``metrics``, ``tasks``, ``cli``, ``validate``.
 
 Registration is cheap: nothing heavy is imported until a task or command runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from qi_core.hookspecs import hookimpl
+from qi_core.plugin_host import lazy_attributes
 
 QI_HOOK_API = 1
+# trainable LoRAs and LoRA files through the LoRA plugin; fp8 storage with the memory plugin's quantiser
+QI_REQUIRES = ("lora", "memory")
 _T = "qi_plugins.sft.tasks"
 
-#: ``--lora_target_modules`` of the seed's Qwen-Image scripts (its parser default, "q,k,v,o,ffn.0,ffn.2", is
-#: Wan-style and matches nothing in a Qwen DiT), the default of ``qi train``.
-QWEN_LORA_TARGETS = (
-    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
-    "txt_mlp.net.2,txt_mod.1"
-)
+_LAZY = {
+    "train": "qi_plugins.sft.trainer",
+    "TrainResult": "qi_plugins.sft.trainer",
+    "TrainArgs": "qi_plugins.sft.args",
+    "make_args": "qi_plugins.sft.args",
+    "QWEN_LORA_TARGETS": "qi_plugins.sft.args",
+    "SFT": _T,
+    "DirectDistill": _T,
+    "load_trained": "qi_plugins.sft.validate",
+}
+__all__ = sorted(_LAZY)
+
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 @hookimpl
@@ -45,30 +60,3 @@ def qi_register_commands(register):
     register(
         "validate", cli.configure_validate, help="generate with what `qi train` saved (LoRA or DiT weights)"
     )
-
-
-def train(args: Any, **kw: Any) -> Any:
-    """:func:`qi_core.training.train` with the LoRA plugin's readers (for ``--preset_lora_path`` and
-    ``--lora_checkpoint``) and the seed's Qwen LoRA targets when none are given."""
-    from qi_core.training.args import make_args
-    from qi_core.training.trainer import train as _train
-    from qi_plugins.sft.validate import lora_files
-
-    if isinstance(args, dict):
-        args = make_args(**args)
-    if args.lora_target_modules is None:
-        args = args.model_copy(update={"lora_target_modules": QWEN_LORA_TARGETS})
-    kw.setdefault("lora_files", lora_files())
-    return _train(args, **kw)
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("SFT", "DirectDistill"):
-        from qi_plugins.sft import tasks
-
-        return getattr(tasks, name)
-    if name in ("load_trained", "lora_files"):
-        from qi_plugins.sft import validate
-
-        return getattr(validate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,21 +9,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qi_core.training.args import add_train_arguments
+from qi_plugins.sft.args import add_train_arguments
 
 
 def configure_train(parser: argparse.ArgumentParser) -> None:
-    from qi_plugins.sft import QWEN_LORA_TARGETS
-
-    add_train_arguments(parser, {"lora_target_modules": QWEN_LORA_TARGETS})
+    add_train_arguments(parser)
     parser.add_argument("--zero_cond_t", action="store_true",
                         help="Edit-2511: reference-image tokens modulated at t = 0 (the seed's flag)")  # fmt: skip
     parser.set_defaults(func=run_train)
 
 
 def run_train(ns: argparse.Namespace) -> int:
-    from qi_core.training.args import from_namespace
-    from qi_plugins.sft import train
+    from qi_plugins.sft.args import from_namespace
+    from qi_plugins.sft.trainer import train
 
     args = from_namespace(ns)
     if getattr(ns, "zero_cond_t", False):

@@ -1,7 +1,7 @@
 """The training losses: ``sft`` (flow matching, DiffSynth-Studio's ``FlowMatchSFTLoss``) and ``direct_distill``
 (DiffSynth-Studio's ``DirectDistillLoss``).
 
-Both take a batch of :class:`~qi_core.training.conditioning.Conditioning` (clean latents x0 plus the denoiser's
+Both take a batch of :class:`~qi_core.conditioning.Conditioning` (clean latents x0 plus the denoiser's
 conditioning) and one ``torch.Generator`` per sample. Flow matching: ``x_t = (1 − σ)·x0 + σ·noise``, velocity
 target ``noise − x0``, loss ``mse(v, target) · w(t)`` with the schedule's training weight.
 """
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qi_core.conditioning import Conditioning, encode_sample
 from qi_core.errors import InvalidInputError
 from qi_core.pipeline import timestep_at
-from qi_core.training.conditioning import Conditioning, encode_sample
 
 NUM_TRAIN_TIMESTEPS = 1000  # the seed's training grid (scheduler.set_timesteps(1000, training=True))
 

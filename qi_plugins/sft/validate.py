@@ -8,23 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.errors import InvalidInputError, WeightMismatchError
-from qi_core.training.models import LoRAFiles, as_module
-
-
-def lora_files() -> LoRAFiles:
-    """The trainer's LoRA reader and fuser, from the LoRA plugin."""
-
-    def fuse(pipe: Any, source: str, role: str) -> None:
-        from qi_plugins.lora.adapter import LoRA
-
-        LoRA(source, scale=1.0, fuse=True, target=role, exact_restore=False).apply(pipe)
-
-    def read(source: str) -> dict[str, tuple]:
-        from qi_plugins.lora.formats import read_lora
-
-        return {name: (w.down, w.up, w.scale) for name, w in read_lora(source).items()}
-
-    return LoRAFiles(fuse=fuse, read=read)
+from qi_plugins.sft.models import as_module
 
 
 def latest_checkpoint(folder: str | Path) -> Path:

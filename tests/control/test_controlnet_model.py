@@ -3,6 +3,7 @@ the progress window, and what ``blockwise_controlnet_inputs`` accepts."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import GOLDEN, GOLDEN_MODEL
 from safetensors.torch import save_file
+from tolerance import F32_ISLAND_TERMS, check_same_maths, float32_bound
 
 import qi_core as qi
 from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
@@ -31,14 +33,24 @@ def test_block_maths():
     for p in net.parameters():
         torch.nn.init.normal_(p)
     x, y = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
-    b = net.controlnet_blocks[1]
 
     def rms(v, w):
         return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 
-    h = b.input_proj(rms(x, b.x_rms.weight) + rms(y, b.y_rms.weight))
-    want = b.output_proj(0.5 * h * (1 + torch.erf(h / 2**0.5)))  # exact (erf) GELU, as DiffSynth
-    torch.testing.assert_close(net.block(1, x, y), want, rtol=1e-5, atol=1e-5)
+    def both(net, x, y):
+        b = net.controlnet_blocks[1]
+        h = b.input_proj(rms(x, b.x_rms.weight) + rms(y, b.y_rms.weight))
+        want = b.output_proj(0.5 * h * (1 + torch.erf(h / 2**0.5)))  # exact (erf) GELU, as DiffSynth
+        return net.block(1, x, y), want
+
+    # float64: the same maths, up to the float32 rounding of the RMS statistics the block keeps in float32
+    # (the DiT's RMSNorm); float32: each within the float32 bound of a chain of 2 RMS means over 8, two
+    # width-8 projections and the GELU (≤ 32 rounded terms), see tests/tolerance.py
+    with torch.no_grad():
+        got, want = both(net, x, y)
+        got64, want64 = both(copy.deepcopy(net).double(), x.double(), y.double())
+    island = float32_bound(want64, terms=F32_ISLAND_TERMS)
+    check_same_maths(got, want, got64, want64, terms=32, f64_atol=island)
     cond = torch.randn(1, 16, 4, 6)
     assert net.project(cond).shape == (1, 6, 8)  # (4/2)·(6/2) tokens
     with pytest.raises(InvalidInputError, match="17-channel|16-channel"):

@@ -125,7 +125,11 @@ def test_segments_follow_the_call():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"edit_image": 42}, ImageReadError, r"edit_image must be an image \(PIL image, file path or array\), got 42"),
+        (
+            {"edit_image": 42},
+            ImageReadError,
+            r"edit_image must be an image \(PIL image, file path or array\), got 42",
+        ),
         (
             {"edit_image": [image(32, 32), "/no/such.png"]},
             ImageReadError,

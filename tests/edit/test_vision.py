@@ -19,6 +19,7 @@ import torch
 from conftest import GOLDEN_MODEL
 from edit_helpers import edit_pipe, run_traced
 from PIL import Image
+from tolerance import TINY_VL_TERMS, check_float32_gap, float32_bound
 
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_plugins.edit.injector import EDIT_DROP, VL_AREA, area_size, edit_template
@@ -27,6 +28,13 @@ from qi_plugins.edit.vision import VisionConfig, load_processor, smart_resize
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 PROMPT = "Put the hat from picture 2 on the cat in picture 1"
+
+
+def pixel_tolerance(reference) -> float:
+    """Two float32 normalisations of the same 8-bit pixels (×1/255, − mean, ÷ std: ≤ 4 rounded steps each,
+    whatever order or precision each implementation uses) differ by at most twice the float32 bound of that
+    chain."""
+    return 2 * float32_bound(reference["pixel_values"], terms=4)
 
 
 def random_image(w: int, h: int, seed: int) -> Image.Image:
@@ -67,7 +75,13 @@ def reference():
 
 @pytest.mark.parametrize("multi", [False, True], ids=["edit-single", "edit-plus"])
 def test_prompt_embeddings_match_official_encode_prompt(reference, multi):
-    """Through the public pipeline: what our injector and processor give the text encoder vs diffusers."""
+    """Through the public pipeline: what our injector and processor give the text encoder vs diffusers.
+
+    Tolerance (``tests/tolerance.py``): both sides in float64 (qi with ``torch_dtype=float64``, transformers'
+    encoder ``.double()``) agree to 7.2e-7 / 9.5e-7 (single / plus; both keep float32 RMS norms and RoPE), and
+    each float32 embedding (max 3.8) is within 2.9e-6 / 4.0e-6 of its float64 one. The float64 runs double the
+    cost of this slow test (a vision tower on 2 x 768 patches), so it checks the float32 gap against twice the
+    float32 bound of the vision-language encoder (2.9e-4 here) instead."""
     # 672x224 and 224x672: multiples of 28 and of 16, unchanged by the 384²-area rule → no resampling anywhere
     images = [random_image(672, 224, 1), random_image(224, 672, 2)] if multi else random_image(672, 224, 3)
     pipe = edit_pipe("qwen-image-edit-2509" if multi else "qwen-image-edit")
@@ -81,8 +95,7 @@ def test_prompt_embeddings_match_official_encode_prompt(reference, multi):
     assert mask is None  # one prompt: all tokens real, as our all-ones mask says
     ours = got["prompt_emb"]
     assert ours.shape == want.shape
-    diff = (ours - want).abs().max().item()
-    assert diff <= 1e-5, diff
+    check_float32_gap(ours, want, terms=TINY_VL_TERMS)
     # the processor outputs themselves
     ims = images if multi else [images]
     template = edit_template(len(ims) if multi else None)
@@ -91,7 +104,8 @@ def test_prompt_embeddings_match_official_encode_prompt(reference, multi):
     )
     assert torch.equal(got["prompt_input_ids"], ref_enc["input_ids"])
     assert torch.equal(got["prompt_image_grid_thw"], ref_enc["image_grid_thw"])
-    assert (got["prompt_pixel_values"] - ref_enc["pixel_values"]).abs().max().item() <= 1e-6
+    pixel_diff = (got["prompt_pixel_values"] - ref_enc["pixel_values"]).abs().max().item()
+    assert pixel_diff <= pixel_tolerance(ref_enc)
 
 
 def test_processor_matches_transformers_pixel_values_without_resizing(reference):
@@ -103,7 +117,7 @@ def test_processor_matches_transformers_pixel_values_without_resizing(reference)
     assert torch.equal(got["input_ids"], want["input_ids"])
     assert torch.equal(got["attention_mask"], want["attention_mask"])
     assert torch.equal(got["image_grid_thw"], want["image_grid_thw"])
-    assert (got["pixel_values"] - want["pixel_values"]).abs().max().item() <= 1e-6
+    assert (got["pixel_values"] - want["pixel_values"]).abs().max().item() <= pixel_tolerance(want)
     assert set(got) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw"}
 
 

@@ -99,8 +99,18 @@ def test_installed_plugin_is_listed(installed):
         "0.1.0",
         1,
     )
-    assert p["provides"] == {"pipeline": ["qwen-image-tmpl-check"], "scheduler": ["tmpl-check-karras"]}
-    assert p["hooks"] == ["qi_register_pipelines", "qi_register_schedulers"]
+    assert p["provides"] == {
+        "pipeline": ["qwen-image-tmpl-check"],
+        "scheduler": ["tmpl-check-karras"],
+        "guider": ["tmpl-check-rescaled-cfg"],
+        "sampler": ["tmpl-check-midpoint"],
+    }
+    assert sorted(p["hooks"]) == [
+        "qi_register_guiders",
+        "qi_register_pipelines",
+        "qi_register_samplers",
+        "qi_register_schedulers",
+    ]
 
 
 def test_installed_plugin_composes_by_name(installed):
@@ -136,4 +146,4 @@ def test_rendered_plugin_passes_its_own_tests(installed):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=src,
                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "5 passed" in r.stdout
+    assert "8 passed" in r.stdout

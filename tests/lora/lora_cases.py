@@ -54,8 +54,10 @@ def layout(lora: dict, fmt: str) -> dict[str, torch.Tensor]:
 
 
 def expected_weight(w: torch.Tensor, a, b, alpha, scale: float = 1.0) -> torch.Tensor:
+    """``W + scale · (alpha/rank) · B @ A`` in float32, or in float64 for a float64 ``W``."""
     s = 1.0 if alpha is None else float(alpha) / a.shape[0]
-    return (w.float() + scale * (b.float() @ (a.float() * s))).to(w.dtype)
+    c = torch.promote_types(w.dtype, torch.float32)
+    return (w.to(c) + scale * (b.to(c) @ (a.to(c) * s))).to(w.dtype)
 
 
 def dit_pipe(dit: nn.Module) -> Pipeline:

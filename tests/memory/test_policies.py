@@ -1,10 +1,19 @@
-"""Every memory policy and loop optimisation gives the same result as ``none`` (float32, CPU)."""
+"""Every memory policy and loop optimisation gives the same result as ``none`` (float32, CPU).
+
+A policy only moves weights, so with the same loop settings it runs the very float ops of ``none``:
+bit-identical. Against the plainest path (separate CFG passes, modulation inline) it is "the same" up to
+float32 rounding: batching the CFG sides or the modulation of all steps changes the shapes of the GEMMs, and
+whether a BLAS then sums in the same order is up to the CPU's kernels. So that comparison holds every output
+to the float32 error bound of a whole call (``tests/tolerance.py``) around the float64 result of the plain
+path, started from the same float32 noise, instead of to the plain float32 result bit for bit."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN_MODEL, golden_case
+from tolerance import check_float32, float32_noise, pipeline_terms
 
 import qi_core as qi
 
@@ -16,23 +25,43 @@ NON_SQUARE = {"prompt": "a lighthouse on a cliff", "negative_prompt": "fog", "cf
 POLICIES = ["none", "offload", "stream", "disk", "low-vram", "lowest-vram", {"dit": "disk", "vae": "offload"}]
 
 
+CALLS = {"t2i": T2I, "non_square": NON_SQUARE}
+
+
 @pytest.fixture(scope="module")
 def baseline():
-    pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)
-    pipe.batch_cfg = False  # the plainest path: two separate passes, modulation inline, all resident
+    """The plainest path (two separate passes, modulation inline, all resident) in float64, from float32
+    noise."""
+    pipe = float32_noise(
+        qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, torch_dtype=torch.float64)
+    )
+    pipe.batch_cfg = False
     pipe.memory["dit"].wants_step_cache = False
-    return {"t2i": pipe(**T2I), "non_square": pipe(**NON_SQUARE)}
+    return {name: pipe(**call) for name, call in CALLS.items()}
+
+
+@pytest.fixture(scope="module")
+def resident():
+    """``none`` with the default loop settings (batched CFG, step cache), float32."""
+    pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False)
+    return {name: pipe(**call) for name, call in CALLS.items()}
+
+
+def check(out, baseline, name: str, what: str = "") -> None:
+    """``out`` (float32) within the float32 error bound of a whole call of the float64 result."""
+    steps = CALLS[name]["num_inference_steps"]
+    check_float32(out, baseline[name], terms=pipeline_terms(steps), what=f"{what} {name}")
 
 
 @pytest.mark.parametrize("memory", POLICIES, ids=str)
-def test_policy_output_equals_none(baseline, memory):
+def test_policy_output_equals_none(baseline, resident, memory):
     pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory=memory)
-    for name, call in (("t2i", T2I), ("non_square", NON_SQUARE)):
+    for name, call in CALLS.items():
         out = pipe(**call)
-        diff = abs(out - baseline[name]).max()
-        assert diff <= 1e-6, (memory, name, diff)
+        assert np.array_equal(out, resident[name]), (memory, name, abs(out - resident[name]).max())
+        check(out, baseline, name, str(memory))
     # and twice in a row (read-ahead state must not leak between calls)
-    assert abs(pipe(**T2I) - baseline["t2i"]).max() <= 1e-6
+    assert np.array_equal(pipe(**T2I), resident["t2i"])
 
 
 def test_batched_cfg_equals_separate_passes(baseline):
@@ -49,7 +78,7 @@ def test_batched_cfg_equals_separate_passes(baseline):
         hook.remove()
     # the modulation of all steps once per call, then each block once per step for both CFG sides
     assert calls == ["ModulationRequest", 2, 2, 2]
-    assert abs(out - baseline["non_square"]).max() <= 1e-6
+    check(out, baseline, "non_square", "batched")
     # golden values still hold on the batched path
     assert abs(torch.from_numpy(pipe(**T2I)) - WANT["image_float"][0].permute(1, 2, 0)).max() <= 1e-4
 

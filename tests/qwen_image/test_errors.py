@@ -42,7 +42,11 @@ def test_size_not_multiple_of_16_names_nearest_sizes(pipe):
 
 @pytest.mark.parametrize(
     ("strength", "says"),
-    [(-0.1, "greater than or equal to 0"), (1.5, "less than or equal to 1"), ("high", "a valid number, unable to parse string as a number")],
+    [
+        (-0.1, "greater than or equal to 0"),
+        (1.5, "less than or equal to 1"),
+        ("high", "a valid number, unable to parse string as a number"),
+    ],
 )
 def test_strength_outside_unit_interval(pipe, strength, says):
     with pytest.raises(InvalidInputError, match=f"denoising_strength must be {says}, got"):
@@ -78,7 +82,9 @@ def test_unreadable_input_image_and_mask(pipe, tmp_path):
     with pytest.raises(ImageReadError, match="does not exist"):
         pipe("x", height=32, width=32, input_image=str(tmp_path / "missing.png"), **FAST)
     good = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(ImageReadError, match=r"inpaint_mask must be an image \(PIL image, file path or array\), got 42"):
+    with pytest.raises(
+        ImageReadError, match=r"inpaint_mask must be an image \(PIL image, file path or array\), got 42"
+    ):
         pipe("x", height=32, width=32, input_image=good, inpaint_mask=42, **FAST)
     with pytest.raises(InvalidInputError, match="inpaint_mask needs input_image"):
         pipe("x", height=32, width=32, inpaint_mask=good, **FAST)

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from tolerance import TINY_DIT_TERMS, check_vs_reference
 
 import qi_core as qi
 from qi_plugins.qwen_image.loading import load_dit
@@ -36,11 +37,16 @@ def test_diffusers_loads_it_and_our_dit_agrees(tiny_model):
     from qi_core.protocols import DenoiseInput, TextSegment
 
     x, txt = torch.randn(1, 16, 6, 10), torch.randn(1, 5, 64)
-    with torch.no_grad():
-        got = ours(DenoiseInput(latents=x, timestep=torch.tensor([500.0]), text=[TextSegment(txt)]))
-        want = ref(hidden_states=ours.patchify(x), encoder_hidden_states=txt, timestep=torch.tensor([0.5]),
-                   img_shapes=[[(1, 3, 5)]], return_dict=False)[0]  # fmt: skip
-    assert (ours.patchify(got) - want).abs().max() <= 1e-5
+    out = []
+    for dtype in (torch.float32, torch.float64):  # float64: the maths; float32 within its error bound of it
+        ours, ref = ours.to(dtype), ref.to(dtype)
+        with torch.no_grad():
+            t = torch.tensor([500.0], dtype=dtype)
+            got = ours(DenoiseInput(latents=x.to(dtype), timestep=t, text=[TextSegment(txt.to(dtype))]))
+            want = ref(hidden_states=ours.patchify(x.to(dtype)), encoder_hidden_states=txt.to(dtype),
+                       timestep=t / 1000, img_shapes=[[(1, 3, 5)]], return_dict=False)[0]  # fmt: skip
+        out += [ours.patchify(got), want]
+    check_vs_reference(*out, terms=TINY_DIT_TERMS)
 
 
 def test_output_depends_on_prompt_and_seed(tiny_model):

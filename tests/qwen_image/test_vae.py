@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tolerance import TINY_VAE_TERMS, check_same_maths
 
 from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
 from qi_plugins.qwen_image.vae import QwenImageVAE, VAEConfig, load_vae
@@ -67,16 +68,19 @@ def test_parity_with_diffusers(kind: str, monkeypatch: pytest.MonkeyPatch) -> No
     assert (ours64.decode(z64).clamp(-1, 1) - dec_ref64).abs().max().item() < 1e-11
 
     # float32: our 2-D convolutions sum in another order than diffusers' causal 3-D ones, so the two differ by
-    # float32 rounding noise, which the decoder amplifies (both are ~1e-5 away from the float64 result).
+    # float32 rounding noise. Both must lie within the same float32 error bound of the float64 result, i.e. be
+    # as accurate as the official float32 implementation, whatever order this CPU's kernels sum in
+    # (tests/tolerance.py): one VAE direction for the encoding; encoder then decoder for the decoding, whose
+    # values on the way are of the size of its input latents (|z| ≈ 6–7, activations up to ~8), not of its
+    # clamped output (≤ 1), so the bound scales with max|z|.
     ref = _diffusers_vae(folder, torch.float32)
     z = ours.encode(x)
     enc_ref, dec_ref = _reference_codec(ref, x, z)
     dec = ours.decode(z)
-    assert (z - enc_ref).abs().max().item() <= 2e-5
-    assert (dec.clamp(-1, 1) - dec_ref).abs().max().item() <= 5e-5
-    ref_err = (dec_ref.double() - dec_ref64).abs().max().item()
-    our_err = (dec.clamp(-1, 1).double() - dec_ref64).abs().max().item()
-    assert our_err <= 2 * ref_err + 1e-6  # as accurate as the official float32 implementation
+    check_same_maths(z, enc_ref, z64, enc_ref64, terms=TINY_VAE_TERMS, f64_atol=1e-11, what="encode")
+    dec64 = ours64.decode(z64).clamp(-1, 1)
+    check_same_maths(dec.clamp(-1, 1), dec_ref, dec64, dec_ref64, terms=2 * TINY_VAE_TERMS, f64_atol=1e-11,
+                     scale=z64.abs().max().item(), what="decode")  # fmt: skip
 
     # time_conv only exists for checkpoint compatibility: diffusers ignores it for a single frame too.
     for name, param in ref.named_parameters():

@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 from training_helpers import MODEL, make_dataset, one_thread, write_metadata  # noqa: F401
 
 from qi_core.cli import main
-from qi_core.training.data import MetadataDataset, MissingColumnError
 from qi_plugins.qwen_image.text_encoder import (
     T2I_DROP,
     T2I_TEMPLATE,
     PromptTruncatedWarning,
     load_text_encoder,
 )
+from qi_plugins.sft.data import MetadataDataset, MissingColumnError
 from qi_plugins.sft.validate import require_lora
 
 

@@ -7,9 +7,10 @@ from PIL import Image
 from training_helpers import make_dataset, write_metadata
 
 from qi_core.errors import InvalidInputError
-from qi_core.training.args import make_args
-from qi_core.training.data import BadRowError, MetadataDataset, SizeSpec, crop_and_resize, read_metadata
-from qi_core.training.plan import PlanSampler, PlanSpec, epoch_plan, local, sample_seed
+from qi_core.sizing import SizeSpec, crop_and_resize
+from qi_plugins.sft.args import make_args
+from qi_plugins.sft.data import BadRowError, MetadataDataset, read_metadata
+from qi_plugins.sft.plan import PlanSampler, PlanSpec, epoch_plan, local, sample_seed
 
 
 @pytest.mark.parametrize("kind", ["csv", "json", "jsonl"])
@@ -163,8 +164,12 @@ def test_arguments_are_validated():
     assert (args.task_name, args.stage, args.split(args.trainable_models)) == ("sft", "train", ["dit", "vae"])
 
 
-def test_plugins_register_file_loaders(tmp_path):
-    from qi_core.training.data import FILE_LOADERS, load_rgb, register_file_loader
+def test_injectors_declare_file_loaders_per_run(tmp_path):
+    """A column's loader comes from the run's injectors (``Injector.file_loaders``), not a global registry."""
+    from types import SimpleNamespace
+
+    from qi_core.conditioning import injector_declarations
+    from qi_core.sizing import load_rgb
 
     ds = make_dataset(tmp_path, [(32, 32)])
     write_metadata(ds, [{"image": "images/0.png", "prompt": "p", "layer": "images/0.png"}])
@@ -173,20 +178,20 @@ def test_plugins_register_file_loaders(tmp_path):
         image = load_rgb(path, size).convert("RGBA")
         return image
 
-    register_file_loader("layer", rgba)
-    try:
-        item = MetadataDataset(ds, ds / "metadata.csv", ["image", "layer"])[0]
-    finally:
-        FILE_LOADERS.pop("layer")
+    pipe = SimpleNamespace(injectors=[SimpleNamespace(name="rgba", file_loaders={"layer": rgba})])
+    loaders = injector_declarations(pipe, "file_loaders")
+    item = MetadataDataset(ds, ds / "metadata.csv", ["image", "layer"], loaders=loaders)[0]
     assert item["layer"].mode == "RGBA" and item["image"].mode == "RGB"
-    with pytest.raises(InvalidInputError, match="callable"):
-        register_file_loader("x", "not a function")
+    assert MetadataDataset(ds, ds / "metadata.csv", ["image", "layer"])[0]["layer"].mode == "RGB"  # per run
+    bad = SimpleNamespace(injectors=[SimpleNamespace(name="bad", file_loaders={"x": "not a function"})])
+    with pytest.raises(InvalidInputError, match="injector 'bad': file_loaders\\['x'\\] must be callable"):
+        injector_declarations(bad, "file_loaders")
 
 
 def test_lora_target_resolution():
     from torch import nn
 
-    from qi_core.training.models import lora_targets
+    from qi_plugins.lora.training import lora_targets
 
     class Blocks(nn.Module):
         def __init__(self):

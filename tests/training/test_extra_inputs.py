@@ -13,11 +13,12 @@ from PIL import Image
 from training_helpers import args_for, make_dataset, one_thread, write_metadata  # noqa: F401
 
 import qi_core as qi
+from qi_core.conditioning import Conditioning, encode_sample
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
 from qi_core.protocols import ImageSegment, Injector
-from qi_core.training.conditioning import Conditioning, collate, encode_sample
 from qi_plugins.sft import train
+from qi_plugins.sft.batching import collate
 from qi_plugins.sft.tasks import SFT
 
 RECIPE = "test-training-ref-image"

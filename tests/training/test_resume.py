@@ -13,9 +13,9 @@ import torch
 from training_helpers import args_for, make_dataset, one_thread, read  # noqa: F401
 
 from qi_core.errors import InvalidInputError
-from qi_core.training import checkpoint as ckpt
-from qi_core.training.metrics import read_log
+from qi_plugins.sft import checkpoint as ckpt
 from qi_plugins.sft import train
+from qi_plugins.sft.metrics import read_log
 
 TOTAL = 12  # optimizer steps of the full run (2 epochs of 2 samples × 3 repeats); states every 2 steps
 
@@ -29,7 +29,7 @@ def _slow_child(args: dict) -> None:
     """The run to be killed (forked: no new interpreter to start). Each step sleeps a little so the parent can
     kill it mid-run; the sleep changes no number."""
     torch.set_num_threads(1)
-    from qi_core.training import trainer
+    from qi_plugins.sft import trainer
 
     step = trainer._Run.step
 

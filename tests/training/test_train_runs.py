@@ -12,12 +12,12 @@ from training_helpers import MODEL, args_for, fixed_loss, make_dataset, one_thre
 
 import qi_core as qi
 from qi_core.cli import main
+from qi_core.conditioning import encode_sample
 from qi_core.errors import InvalidInputError
-from qi_core.training.conditioning import encode_sample
-from qi_core.training.data import BadRowError
-from qi_core.training.metrics import read_log
-from qi_core.training.models import FP8Linear
 from qi_plugins.sft import train
+from qi_plugins.sft.data import BadRowError
+from qi_plugins.sft.metrics import read_log
+from qi_plugins.sft.models import FP8Linear
 from qi_plugins.sft.validate import load_trained
 
 CALL = dict(prompt="a picture number 0", height=32, width=32, num_inference_steps=2, seed=1, output_type="np",
@@ -183,8 +183,8 @@ def test_setup_errors_say_what_to_do(one_image, tmp_path):
 def test_model_strings_name_components(tmp_path):
     """--model_paths / --model_id_with_origin_paths (the seed's ways to name weights) map to recipe roles."""
     from qi_core.plugin_host import host
-    from qi_core.training.args import make_args
-    from qi_core.training.models import model_sources, roles_of
+    from qi_plugins.sft.args import make_args
+    from qi_plugins.sft.models import model_sources, roles_of
 
     recipe = host().registry.get("pipeline", "qwen-image").load()
     paths = f'["{MODEL}/transformer", "{MODEL}/vae/diffusion_pytorch_model.safetensors"]'

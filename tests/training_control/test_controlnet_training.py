@@ -22,9 +22,8 @@ from control_helpers import (  # noqa: F401
 )
 
 import qi_core as qi
+from qi_core.conditioning import encode_sample, injector_declarations
 from qi_core.errors import InvalidInputError, ModelLoadError
-from qi_core.training.conditioning import encode_sample
-from qi_core.training.data import register_column_adapter
 from qi_plugins.blockwise_controlnet.inputs import ControlNetInput
 from qi_plugins.blockwise_controlnet.training import CKPT_PREFIX, columns_to_inputs, init_controlnet, main
 from qi_plugins.sft import train
@@ -83,8 +82,17 @@ def test_control_columns_become_one_controlnet_input():
     assert out == {"blockwise_controlnet_inputs": [ControlNetInput(image="img", inpaint_mask="m", scale=0.5)]}
     with pytest.raises(InvalidInputError, match="no blockwise_controlnet_image"):
         columns_to_inputs({"blockwise_controlnet_inpaint_mask": "m"})
+    # the injector declares the adapter, read per run (no global registry)
+    from types import SimpleNamespace
+
+    from qi_plugins.blockwise_controlnet.injector import BlockwiseControlNetInjector
+    from qi_plugins.blockwise_controlnet.training import COLUMNS
+
+    pipe = SimpleNamespace(injectors=[BlockwiseControlNetInjector()])
+    assert injector_declarations(pipe, "column_adapters") == {COLUMNS: columns_to_inputs}
+    bad = SimpleNamespace(injectors=[SimpleNamespace(name="x", column_adapters={("some_column",): None})])
     with pytest.raises(InvalidInputError, match="must be callable"):
-        register_column_adapter(("some_column",), None)
+        injector_declarations(bad, "column_adapters")
 
 
 def test_controlnet_training_learns_from_zero_and_loads(dataset, tmp_path):

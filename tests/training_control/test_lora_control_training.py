@@ -20,8 +20,8 @@ from control_helpers import (
 )  # noqa: F401
 
 import qi_core as qi
+from qi_core.conditioning import encode_sample
 from qi_core.errors import InvalidInputError
-from qi_core.training.conditioning import encode_sample
 from qi_plugins.sft import train
 
 ENTITIES = ["a red box", "a grey wall"]

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from variant_helpers import TINY_TARGETS, fixed_loss, one_thread, picture, write_metadata  # noqa: F401
 
 import qi_core as qi
+from qi_core.conditioning import Conditioning, encode_sample
 from qi_core.errors import InvalidInputError
-from qi_core.training.conditioning import Conditioning, encode_sample
-from qi_core.training.data import SizeSpec
+from qi_core.sizing import SizeSpec
 from qi_plugins.layered.training import load_rgba
 from qi_plugins.sft import train
 from qi_plugins.sft.validate import load_trained

@@ -1,14 +1,13 @@
-"""What the frozen encoders make of one training sample, batched and cached.
+"""The training contract's data: what the frozen encoders make of one training sample.
 
-:func:`encode_sample` runs a sample through the same stages an inference call runs — the recipe's injectors
-(``validate`` → ``prepare`` → ``prompt_inputs``), the text encoder on the positive side (``cfg_scale = 1``, as
-the seed trains), the VAE on the target image, then every injector's ``denoise_input`` — and keeps the result
+:func:`encode_sample` runs a sample through the stages an inference call runs (:meth:`Pipeline.condition`:
+injectors ``validate`` → schedule → ``prepare`` → prompts, on the positive side only, ``cfg_scale = 1`` as the
+seed trains), the autoencoder on the target image, then every injector's ``denoise_input``, and keeps the result
 as a :class:`Conditioning`: the clean latents plus everything a :class:`~qi_core.protocols.DenoiseInput` carries
-except the noisy latents and the timestep. A variant's conditioning (edit images, context latents …) therefore
-trains exactly as it generates, with no training code of its own: its injector declares the call parameter and
-``--extra_inputs`` passes the metadata column of that name.
-
-Split training saves a :class:`Conditioning` per sample as safetensors (:meth:`Conditioning.save`).
+except the noisy latents and the timestep. A plugin's conditioning therefore trains exactly as it generates: its
+injector declares the call parameter, and ``--extra_inputs`` passes the metadata column of that name (or one its
+``column_adapters`` turn into call parameters). Training tasks (:class:`~qi_core.protocols.TrainingTask`) take
+batches of it; the trainer itself is a plugin.
 """
 
 from __future__ import annotations
@@ -20,15 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from qi_core.atomic import atomic_file
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_core.images import image_to_tensor
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
-from qi_core.training.data import adapt_columns
 
-FORMAT = "qi-conditioning/1"
+FORMAT = "qi-conditioning/1"  # the header of a cached sample (Conditioning.save)
 
 
 @dataclass
@@ -37,7 +34,7 @@ class Conditioning:
 
     latents: torch.Tensor  # (B·F, C, h, w) clean target latents x0
     text: list[TextSegment]  # (B, L, D) segments, padded to the longest prompt (mask 0 on padding)
-    images: list[ImageSegment] = field(default_factory=list)  # extra image tokens (edit, context …)
+    images: list[ImageSegment] = field(default_factory=list)  # extra image tokens from injectors
     extra_timesteps: list[float] = field(default_factory=list)
     attention_mask: torch.Tensor | None = None  # additive (B, 1, S, S) or None
     block_hooks: list[Any] = field(default_factory=list)  # only for B = 1 and never cached
@@ -74,7 +71,7 @@ class Conditioning:
             target_frames=self.target_frames, params=list(self.params), where=list(self.where),
         )  # fmt: skip
 
-    # -- cache files ---------------------------------------------------------------------------------------
+    # -- one sample as a file (split training's cache) ------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """One sample as a safetensors file (tensors + a JSON header), written atomically."""
         from safetensors.torch import save_file
@@ -99,8 +96,12 @@ class Conditioning:
         for k, v in self.extras.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"extras.{k}"] = v
+            elif _is_json(v):
+                plain[k] = v
             else:
-                plain[k] = _jsonable(v, f"extras[{k!r}]")
+                raise InvalidInputError(
+                    f"extras[{k!r}] ({type(v).__name__}) cannot be cached; train in one stage"
+                )
         header = {
             "format": FORMAT,
             "text": [{"rope_offset": s.rope_offset, "mask": s.mask is not None} for s in self.text],
@@ -115,9 +116,9 @@ class Conditioning:
             "where": self.where[0] if self.where else "",
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        return atomic_write(
-            Path(path), lambda tmp: save_file(tensors, tmp, metadata={"qi": json.dumps(header)})
-        )
+        with atomic_file(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"qi": json.dumps(header)})
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Conditioning:
@@ -139,38 +140,30 @@ class Conditioning:
                    params=[meta["params"]], where=[meta["where"]])  # fmt: skip
 
 
-def cache_signature(path: str | os.PathLike) -> tuple:
-    """Shapes that must agree for two cached samples to share a batch (text lengths are padded). Reads the
-    header only, and checks it is a cache file, so a wrong folder fails before training starts."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        if json.loads((f.metadata() or {}).get("qi", "{}")).get("format") != FORMAT:
-            raise InvalidInputError(
-                f"{path} is not a qi training cache file ({FORMAT}); without --dataset_metadata_path, "
-                "--dataset_base_path must be the --output_path of a --task X:data_process run (pass "
-                "--dataset_metadata_path to train from a raw dataset)"
-            )
-        return tuple(
-            (k, tuple(f.get_slice(k).get_shape()))
-            for k in sorted(f.keys())  # noqa: SIM118
-            if not k.startswith("text.")
-        )
+# -- what injectors declare for training, read per run ---------------------------------------------------------
+def injector_declarations(pipe: Any, attr: str) -> dict[Any, Any]:
+    """The ``file_loaders`` or ``column_adapters`` the injectors of ``pipe`` declare, merged in injector order;
+    each value must be callable."""
+    out: dict[Any, Any] = {}
+    for inj in pipe.injectors:
+        for key, fn in (getattr(inj, attr, None) or {}).items():
+            if not callable(fn):
+                raise InvalidInputError(
+                    f"injector {inj.name!r}: {attr}[{key!r}] must be callable, got {type(fn).__name__}"
+                )
+            out[key] = fn
+    return out
 
 
-def atomic_write(path: Path, write: Any) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    with atomic_file(path) as tmp:
-        write(str(tmp))
-    return path
-
-
-def _jsonable(v: Any, what: str) -> Any:
-    try:
-        json.dumps(v)
-    except TypeError:
-        raise InvalidInputError(f"{what} ({type(v).__name__}) cannot be cached; train in one stage") from None
-    return v
+def adapt_columns(pipe: Any, params: dict[str, Any], extra_inputs: tuple[str, ...]) -> dict[str, Any]:
+    """``params`` with the ``--extra_inputs`` columns an injector's ``column_adapters`` take replaced by the call
+    parameters the adapter returns (given the present columns only)."""
+    out = dict(params)
+    for columns, adapter in injector_declarations(pipe, "column_adapters").items():
+        given = {c: out.pop(c) for c in columns if c in extra_inputs and c in out}
+        if given:
+            out.update(adapter(given))
+    return out
 
 
 # -- encoding -------------------------------------------------------------------------------------------------
@@ -197,11 +190,10 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
     accepted = pipe.parameters()
     params.update({k: v for k, v in (overrides or {}).items() if k in accepted})
     try:
-        params = adapt_columns(params, extra_inputs)  # plugin-registered column → call-parameter mappings
+        params = adapt_columns(pipe, params, extra_inputs)
         state = pipe.new_state(params)
     except InvalidInputError as e:
         raise InvalidInputError(f"{where}: {e}") from None
-    p = state.params
     with torch.no_grad():
         try:  # the inference stages, in their order; a plugin's check of a row's values names the row
             pipe.condition(state)
@@ -218,7 +210,7 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
         inp = pipe.denoise_inputs(state, x0, 0, t0)["positive"]
         for inj in pipe.injectors:
             inj.finish(pipe, state)
-    kept = {k: v for k, v in p.items() if k != "progress_bar_cmd" and _is_json(v)}
+    kept = {k: v for k, v in state.params.items() if k != "progress_bar_cmd" and _is_json(v)}
     return Conditioning(latents=x0, text=inp.text, images=inp.images, extra_timesteps=inp.extra_timesteps,
                         attention_mask=inp.attention_mask, block_hooks=inp.block_hooks, extras=inp.extras,
                         target_frames=len(frames), params=[kept], where=[where])  # fmt: skip
@@ -241,72 +233,3 @@ def _is_json(v: Any) -> bool:
         return True
     except TypeError:
         return False
-
-
-# -- batching -------------------------------------------------------------------------------------------------
-def collate(items: list[Conditioning]) -> Conditioning:
-    """One batch from same-size samples; prompts of different lengths are padded (mask 0)."""
-    if len(items) == 1:
-        return items[0]
-    where = [w for c in items for w in c.where]
-    first = items[0]
-
-    def fail(what: str) -> InvalidInputError:
-        return InvalidInputError(
-            f"samples {', '.join(where)} cannot share a batch: {what}; use --batch_size 1 or make them agree"
-        )
-
-    shapes = {tuple(c.latents.shape[1:]) for c in items}
-    if len(shapes) > 1:
-        raise fail(f"target latents differ in shape {sorted(shapes)}")
-    if any(c.block_hooks for c in items):
-        raise fail("an injector adds per-sample block hooks")
-    for attr in ("target_frames", "extra_timesteps"):
-        if any(getattr(c, attr) != getattr(first, attr) for c in items):
-            raise fail(f"{attr} differ")
-    if any(len(c.text) != len(first.text) or len(c.images) != len(first.images) for c in items):
-        raise fail("they have different numbers of text or image segments")
-    text = []
-    for i in range(len(first.text)):
-        segs = [c.text[i] for c in items]
-        if any(s.rope_offset != segs[0].rope_offset for s in segs):
-            raise fail(f"text segment {i} starts at different RoPE offsets")
-        n = max(s.emb.shape[1] for s in segs)
-        embs, masks = [], []
-        for s in segs:
-            pad = n - s.emb.shape[1]
-            mask = s.mask if s.mask is not None else torch.ones(s.emb.shape[:2], dtype=torch.long)
-            embs.append(F.pad(s.emb, (0, 0, 0, pad)))
-            masks.append(F.pad(mask.to(s.emb.device), (0, pad)))
-        text.append(TextSegment(torch.cat(embs), torch.cat(masks), segs[0].rope_offset))
-    images = []
-    for j in range(len(first.images)):
-        segs = [c.images[j] for c in items]
-        if len({tuple(s.latents.shape[1:]) for s in segs}) > 1:
-            raise fail(f"image segment {j} differs in size")
-        if any((s.frame, s.modulation, s.rope_from_target) != (segs[0].frame, segs[0].modulation,
-                                                               segs[0].rope_from_target) for s in segs):  # fmt: skip
-            raise fail(f"image segment {j} has different RoPE frames or modulation")
-        images.append(ImageSegment(torch.cat([s.latents for s in segs]), segs[0].frame, segs[0].modulation,
-                                   segs[0].rope_from_target))  # fmt: skip
-    masks = [c.attention_mask for c in items]
-    if any(m is not None for m in masks):
-        if any(m is None for m in masks) or len({tuple(m.shape) for m in masks}) > 1:
-            raise fail("their attention masks differ in shape (prompts of different lengths)")
-        attention = torch.cat(masks)
-    else:
-        attention = None
-    extras: dict[str, Any] = {}
-    for k, v in first.extras.items():
-        vals = [c.extras.get(k) for c in items]
-        if isinstance(v, torch.Tensor):
-            extras[k] = torch.cat(vals)
-        elif any(x != v for x in vals):
-            raise fail(f"extra input {k!r} differs")
-        else:
-            extras[k] = v
-    return Conditioning(
-        latents=torch.cat([c.latents for c in items]), text=text, images=images,
-        extra_timesteps=list(first.extra_timesteps), attention_mask=attention, extras=extras,
-        target_frames=first.target_frames, params=[p for c in items for p in c.params], where=where,
-    )  # fmt: skip

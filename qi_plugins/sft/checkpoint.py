@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qi_core.atomic import atomic_file
 from qi_core.errors import InvalidInputError, ModelLoadError
-from qi_core.training.conditioning import atomic_write
 
 STATES = "checkpoints"
 STATE_FILE = "state.json"
@@ -29,11 +29,12 @@ STATE_FILE = "state.json"
 def save_weights(
     weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> Path:
+    """``weights`` as a safetensors file, written atomically (readers never see a half-written file)."""
     from safetensors.torch import save_file
 
-    return atomic_write(
-        Path(path), lambda tmp: save_file(weights, tmp, metadata=metadata or {"format": "pt"})
-    )
+    with atomic_file(Path(path)) as tmp:
+        save_file(weights, str(tmp), metadata=metadata or {"format": "pt"})
+    return Path(path)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
-"""The arguments of ``qi train``: the seed's ``train.py`` names and meaning, plus a few qi additions.
+"""The arguments of ``qi train``: the names, meaning and defaults of DiffSynth-Studio's ``train.py``, plus a few
+qi additions.
 
-Importing this module is cheap (no torch): the ``qi train`` parser is built from :data:`FIELDS` at plugin
-load time. :class:`TrainArgs` validates the values (pydantic) so a bad value fails with a readable message.
+Importing this module is cheap (no torch): the ``qi train`` parser is built from :class:`TrainArgs` when the
+command is set up. :class:`TrainArgs` validates the values (pydantic) so a bad value fails with a readable message.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qi_core.errors import InvalidInputError
+
+#: ``--lora_target_modules`` of the seed's Qwen-Image scripts (its parser default, "q,k,v,o,ffn.0,ffn.2", is
+#: Wan-style and matches nothing in a Qwen DiT), the default of ``qi train``.
+QWEN_LORA_TARGETS = (
+    "to_q,to_k,to_v,add_q_proj,add_k_proj,add_v_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,"
+    "txt_mlp.net.2,txt_mod.1"
+)
 
 
 class TrainArgs(BaseModel):
@@ -56,7 +64,8 @@ class TrainArgs(BaseModel):
     save_steps: int | None = Field(None, ge=1)  # save every N optimizer steps; None = every epoch
     # -- LoRA (seed) --
     lora_base_model: str | None = None  # role LoRA is added to (e.g. "dit"); None = no LoRA
-    lora_target_modules: str | None = None  # comma-separated module names; ""/None = see models.lora_targets
+    # comma-separated module names; "" = auto-detected, None = the denoiser's own (qi_plugins.lora.training)
+    lora_target_modules: str | None = QWEN_LORA_TARGETS
     lora_rank: int = Field(32, ge=1)  # LoRA rank (alpha = rank, so scale 1)
     lora_checkpoint: str | None = None  # LoRA file to start from (any layout qi reads)
     preset_lora_path: str | None = None  # LoRA fused into the base before training (differential LoRA)

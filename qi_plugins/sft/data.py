@@ -6,10 +6,11 @@ the row *bad*. Bad rows stop the run with an error naming the row, or are skippe
 ``--skip_bad_rows``. The check reads image headers only, so it also yields every sample's training size,
 which batches (buckets) same-size samples.
 
-Extending: every column named in ``--data_file_keys`` goes through a *file loader* (default: RGB, cropped and
-resized to the training size like the seed's ``ImageCropAndResize``). A plugin whose input needs other decoding
-(an RGBA layer, a one-channel mask) registers its own with :func:`register_file_loader`; columns named in
-``--extra_inputs`` then reach the pipeline as call parameters of the same name.
+Every column named in ``--data_file_keys`` goes through a *file loader* (default: RGB, cropped and resized to
+the training size like the seed's ``ImageCropAndResize``, :func:`qi_core.sizing.load_rgb`). An injector whose
+input needs other decoding (an RGBA frame, a one-channel mask) declares its own in ``Injector.file_loaders``;
+the run passes the loaders of its pipeline's injectors (``loaders=``). Columns named in ``--extra_inputs`` then
+reach the pipeline as call parameters of the same name.
 """
 
 from __future__ import annotations
@@ -18,16 +19,15 @@ import csv
 import difflib
 import json
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from qi_core.conditioning import FORMAT
 from qi_core.errors import ImageReadError, InvalidInputError
-
-SIZE_MULTIPLE = 16  # VAE factor 8 × DiT patch 2 (the seed's height/width division factor)
+from qi_core.sizing import FileLoader, SizeSpec, load_rgb
 
 
 class BadRowError(ImageReadError):
@@ -42,95 +42,6 @@ class BadRowError(ImageReadError):
 
 class MissingColumnError(InvalidInputError):
     """The metadata file has no column of a name the run needs (every row lacks it)."""
-
-
-# -- sizes and resizing --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SizeSpec:
-    """How images are sized: fixed (height, width) or dynamic under ``max_pixels``."""
-
-    height: int | None = None  # fixed training height; None = dynamic
-    width: int | None = None  # fixed training width
-    max_pixels: int = 1024 * 1024  # dynamic: images above this many pixels are scaled down
-    multiple: int = SIZE_MULTIPLE  # both sides are floored to a multiple of this
-
-    def target(self, width: int, height: int) -> tuple[int, int]:
-        """(height, width) an image of ``width``×``height`` is trained at (the seed's rule)."""
-        if self.height is not None and self.width is not None:
-            return self.height, self.width
-        if width * height > self.max_pixels:
-            scale = (width * height / self.max_pixels) ** 0.5
-            height, width = int(height / scale), int(width / scale)  # truncation, as the seed
-        h, w = height // self.multiple * self.multiple, width // self.multiple * self.multiple
-        if h == 0 or w == 0:
-            raise InvalidInputError(
-                f"an image of {width}x{height} (WxH) is smaller than {self.multiple} pixels on a side after "
-                f"sizing; training needs at least {self.multiple}x{self.multiple}"
-            )
-        return h, w
-
-
-def crop_and_resize(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale by ``max(target/orig)`` (bilinear), then centre-crop to ``width``×``height`` (the seed's rule)."""
-    w0, h0 = image.size
-    scale = max(width / w0, height / h0)
-    size = (round(w0 * scale), round(h0 * scale))
-    if size != image.size:
-        image = image.resize(size, Image.BILINEAR)
-    left = int(round((size[0] - width) / 2.0))
-    top = int(round((size[1] - height) / 2.0))
-    if (left, top, size) == (0, 0, (width, height)):
-        return image
-    return image.crop((left, top, left + width, top + height))
-
-
-FileLoader = Callable[[str, SizeSpec], Any]
-"""``loader(absolute_path, size_spec) -> value`` handed to the pipeline (usually a PIL image)."""
-
-
-def load_rgb(path: str, spec: SizeSpec) -> Image.Image:
-    """Default file loader: RGB, cropped and resized to the training size."""
-    with Image.open(path) as im:
-        im.load()
-        image = im.convert("RGB")
-    return crop_and_resize(image, *spec.target(*image.size))
-
-
-FILE_LOADERS: dict[str, FileLoader] = {}
-
-
-def register_file_loader(key: str, loader: FileLoader) -> None:
-    """Decode metadata column ``key`` with ``loader`` instead of :func:`load_rgb` (e.g. RGBA layers)."""
-    if not callable(loader):
-        raise InvalidInputError(f"file loader for {key!r} must be callable, got {type(loader).__name__}")
-    FILE_LOADERS[key] = loader
-
-
-ColumnAdapter = Callable[[dict[str, Any]], dict[str, Any]]
-"""``adapter({column: value}) -> {call parameter: value}`` for the columns of one row it was registered for."""
-
-COLUMN_ADAPTERS: dict[tuple[str, ...], ColumnAdapter] = {}
-
-
-def register_column_adapter(columns: Sequence[str], adapter: ColumnAdapter) -> None:
-    """Let ``--extra_inputs`` columns that are not call parameters themselves become one: when a row passes any
-    of ``columns``, they are handed (present ones only) to ``adapter``, whose result is used as call parameters
-    instead (e.g. the seed's ``x_image`` / ``x_mask`` columns gathered into one structured ``x_inputs``)."""
-    if not callable(adapter):
-        raise InvalidInputError(
-            f"column adapter for {list(columns)} must be callable, got {type(adapter).__name__}"
-        )
-    COLUMN_ADAPTERS[tuple(columns)] = adapter
-
-
-def adapt_columns(params: dict[str, Any], extra_inputs: Sequence[str]) -> dict[str, Any]:
-    """``params`` with the adapted ``--extra_inputs`` columns replaced by the adapters' call parameters."""
-    out = dict(params)
-    for columns, adapter in COLUMN_ADAPTERS.items():
-        given = {c: out.pop(c) for c in columns if c in extra_inputs and c in out}
-        if given:
-            out.update(adapter(given))
-    return out
 
 
 # -- metadata ----------------------------------------------------------------------------------------------
@@ -211,15 +122,15 @@ class MetadataDataset:
 
     def __init__(self, base_path: str | os.PathLike, metadata_path: str | os.PathLike,
                  file_keys: Sequence[str] = ("image", "video"), *, repeat: int = 1,
-                 size: SizeSpec = SizeSpec(), required: Sequence[str] = (), skip_bad_rows: bool = False,
+                 size: SizeSpec | None = None, required: Sequence[str] = (), skip_bad_rows: bool = False,
                  loaders: dict[str, FileLoader] | None = None, columns: Sequence[str] = ()):  # fmt: skip
         self.base = Path(base_path)
         if not self.base.is_dir():
             raise InvalidInputError(f"--dataset_base_path {str(self.base)!r} is not a folder")
         self.file_keys = tuple(file_keys)
         self.repeat = int(repeat)
-        self.size = size
-        self.loaders = {**FILE_LOADERS, **(loaders or {})}
+        self.size = size or SizeSpec()  # default: dynamic resolution under 1024² pixels
+        self.loaders = dict(loaders or {})  # {column: loader} declared by the pipeline's injectors
         self.rows: list[tuple[str, dict[str, Any]]] = []
         self.buckets: list[tuple] = []
         self.skipped: list[BadRowError] = []
@@ -305,12 +216,29 @@ class MetadataDataset:
         return item
 
 
+def cache_signature(path: str | os.PathLike) -> tuple:
+    """Shapes that must agree for two cached samples to share a batch (text lengths are padded). Reads the
+    header only, and checks it is a cache file, so a wrong folder fails before training starts."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if json.loads((f.metadata() or {}).get("qi", "{}")).get("format") != FORMAT:
+            raise InvalidInputError(
+                f"{path} is not a qi training cache file ({FORMAT}); without --dataset_metadata_path, "
+                "--dataset_base_path must be the --output_path of a --task X:data_process run (pass "
+                "--dataset_metadata_path to train from a raw dataset)"
+            )
+        return tuple(
+            (k, tuple(f.get_slice(k).get_shape()))
+            for k in sorted(f.keys())  # noqa: SIM118
+            if not k.startswith("text.")
+        )
+
+
 class CachedDataset:
     """Encoder outputs written by ``--task X:data_process`` (``<folder>/<rank>/<i>.safetensors``)."""
 
     def __init__(self, folder: str | os.PathLike, *, repeat: int = 1):
-        from qi_core.training.conditioning import cache_signature
-
         self.base = Path(folder)
         files = sorted(self.base.rglob("*.safetensors"), key=_natural)
         files = [f for f in files if not f.name.startswith(".")]

@@ -1,5 +1,6 @@
-"""Models for training: where the weights come from, what is trained (full, LoRA, differential LoRA), how the
-frozen rest is stored (fp8, offloaded), and the module that data-parallel wrappers see.
+"""Models for training: where the weights come from, what is trained (full, or a LoRA through the LoRA plugin's
+:mod:`qi_plugins.lora.training`), how the frozen rest is stored (fp8 with the memory plugin's quantiser,
+offloaded), and the module that data-parallel wrappers see.
 
 Parameter names follow the seed: the training module holds the trained components as ``pipe.<role>``, so a
 LoRA weight is ``pipe.dit.transformer_blocks.0.attn.to_q.lora_A.default.weight`` and ``--remove_prefix_in_ckpt
@@ -9,12 +10,9 @@ pipe.dit.`` (the default) saves it as ``transformer_blocks.0.attn.to_q.lora_A.de
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from torch import nn
 
 from qi_core.errors import InvalidInputError, WeightMismatchError
 from qi_core.protocols import component_module
-from qi_core.training.args import TrainArgs
+from qi_plugins.sft.args import TrainArgs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -170,24 +168,11 @@ def load_pipeline(args: TrainArgs, roles: set[str] | None, device: Any, dtype: t
 
 
 # -- what is trained --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LoRAFiles:
-    """How LoRA files are read and fused: supplied by a LoRA plugin (the core reads no LoRA layout itself)."""
-
-    # fuse(pipe, source, role): merge a LoRA file into a component
-    fuse: Callable[[Any, str, str], None]
-    # read(source) → {module name: (A (r, in), B (out, r), scale)}
-    read: Callable[[str], dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
-
-
-def prepare_for_training(pipe: Any, args: TrainArgs, lora_files: LoRAFiles | None = None) -> list[str]:
+def prepare_for_training(pipe: Any, args: TrainArgs) -> list[str]:
     """Fuse the preset LoRA, add the trainable LoRA, unfreeze full-trained roles, store the frozen rest in fp8,
     switch on gradient checkpointing. Returns the roles with trainable parameters."""
-    if (args.preset_lora_path or args.lora_checkpoint) and lora_files is None:
-        raise InvalidInputError(
-            "--preset_lora_path / --lora_checkpoint need a LoRA reader; run through `qi train` or "
-            "qi_plugins.sft.train, which bring the LoRA plugin's"
-        )
+    from qi_plugins.lora.training import add_lora, fuse_lora, load_lora_checkpoint
+
     trainable = TrainArgs.split(args.trainable_models)
     for role in trainable + ([args.lora_base_model] if args.lora_base_model else []):
         if role not in pipe.components:
@@ -195,12 +180,12 @@ def prepare_for_training(pipe: Any, args: TrainArgs, lora_files: LoRAFiles | Non
                 f"role {role!r} is not a loaded component of {pipe.name!r} (components: {', '.join(pipe.components)})"
             )
     if args.preset_lora_path:
-        lora_files.fuse(pipe, args.preset_lora_path, args.preset_lora_model or args.lora_base_model or "dit")
+        fuse_lora(pipe, args.preset_lora_path, args.preset_lora_model or args.lora_base_model or "dit")
     if args.lora_base_model:
         model = as_module(pipe.components[args.lora_base_model], args.lora_base_model)
         add_lora(model, args.lora_target_modules, args.lora_rank, pipe.dtype)
         if args.lora_checkpoint:
-            load_lora_checkpoint(model, lora_files.read(args.lora_checkpoint), args.lora_checkpoint)
+            load_lora_checkpoint(model, args.lora_checkpoint)
     for role in trainable:  # after LoRA injection, which freezes every non-LoRA parameter
         as_module(pipe.components[role], role).requires_grad_(True)
     roles = [r for r in pipe.components if _has_trainable(pipe.components[r])]
@@ -237,68 +222,6 @@ def _has_trainable(component: Any) -> bool:
         return False
 
 
-def lora_targets(model: nn.Module, spec: str | None) -> list[str]:
-    """Module names for peft: the given list; else the model's own ``default_lora_targets`` (a denoiser may
-    declare the modules its family's LoRAs use); else, as the seed does for an empty list, every Linear with
-    min(in, out) ≥ 512 inside a repeated ModuleList."""
-    names = TrainArgs.split(spec)
-    if names:
-        return names
-    if spec is None and getattr(model, "default_lora_targets", None):
-        return list(model.default_lora_targets)
-    found = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1:
-            for sub, lin in m.named_modules():
-                if isinstance(lin, nn.Linear) and min(lin.in_features, lin.out_features) >= 512:
-                    found.append(f"{name}.{sub}")
-    if not found:
-        raise InvalidInputError(
-            "no LoRA targets: --lora_target_modules is empty and no Linear layer of at least 512 features was "
-            "found in a repeated block; list the modules, e.g. to_q,to_k,to_v,to_out.0"
-        )
-    return sorted(set(found))
-
-
-def add_lora(model: nn.Module, targets: str | None, rank: int, dtype: torch.dtype) -> nn.Module:
-    """peft LoRA (alpha = rank, so scale 1, as the seed) on ``targets``; LoRA weights in ``dtype``."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    names = lora_targets(model, targets)
-    try:
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=names), model)
-    except ValueError as e:
-        raise InvalidInputError(f"--lora_target_modules {','.join(names)}: {e}") from None
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.to(dtype)
-    return model
-
-
-def load_lora_checkpoint(model: nn.Module, weights: dict[str, tuple], source: str) -> None:
-    """Start the trainable LoRA from ``{module: (A, B, scale)}`` (the scale is folded into A)."""
-    params = dict(model.named_parameters())
-    missing = []
-    with torch.no_grad():
-        for name, (down, up, scale) in weights.items():
-            a, b = f"{name}.lora_A.default.weight", f"{name}.lora_B.default.weight"
-            if a not in params or b not in params:
-                missing.append(name)
-                continue
-            if params[a].shape != down.shape or params[b].shape != up.shape:
-                raise WeightMismatchError(
-                    f"--lora_checkpoint {source}: {name} has rank {down.shape[0]} ({tuple(down.shape)}), the "
-                    f"trained LoRA has {tuple(params[a].shape)}; pass --lora_rank {down.shape[0]}"
-                )
-            params[a].copy_((down.float() * scale).to(params[a].dtype))
-            params[b].copy_(up.to(params[b].dtype))
-    if missing:
-        raise WeightMismatchError(
-            f"--lora_checkpoint {source}: {len(missing)} module(s) are not LoRA targets of this run "
-            f"(e.g. {', '.join(missing[:3])}); add them to --lora_target_modules"
-        )
-
-
 # -- fp8 storage of frozen weights ----------------------------------------------------------------------------
 class FP8Linear(nn.Linear):
     """A frozen Linear whose weight is kept in float8_e4m3fn (``weight_fp8``, per-row ``fp8_scale``) and computed
@@ -323,15 +246,16 @@ def store_fp8(module: nn.Module) -> int:
     """Store every frozen ``nn.Linear`` of ``module`` in fp8 (per-row scales keep small weights out of fp8's
     subnormal range); returns how many layers were converted. Trainable layers are left alone. The fp8 tensors
     are non-persistent buffers: frozen weights are never saved."""
+    from qi_plugins.memory.policies import quantise_rows
+
     n = 0
     for m in module.modules():
         if type(m) is not nn.Linear or m.weight.requires_grad or m.weight.is_meta:
             continue
         w = m._parameters.pop("weight").data
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / torch.finfo(torch.float8_e4m3fn).max).clamp_min(
-            1e-12
-        )
-        m.register_buffer("weight_fp8", (w.float() / scale).to(torch.float8_e4m3fn), persistent=False)
+        fp8 = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
+        scale = quantise_rows(w, fp8)  # (out, 1) float32: amax / fp8 max, per row
+        m.register_buffer("weight_fp8", fp8, persistent=False)
         m.register_buffer("fp8_scale", scale, persistent=False)
         m.compute_dtype = w.dtype
         m.__class__ = FP8Linear
@@ -402,7 +326,3 @@ def default_dtype(args: TrainArgs, device: torch.device) -> torch.dtype:
     if args.torch_dtype is not None:
         return DTYPES[args.torch_dtype]
     return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

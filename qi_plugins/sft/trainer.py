@@ -1,7 +1,7 @@
 """The training loop: accelerate for devices and data parallelism (DDP, DeepSpeed), a deterministic data plan,
 gradient accumulation, atomic checkpoints and exact resume.
 
-    from qi_core.training import make_args, train
+    from qi_plugins.sft import make_args, train
     result = train(make_args(dataset_base_path="data", dataset_metadata_path="data/metadata.csv",
                              lora_base_model="dit", output_path="out"))
 
@@ -20,14 +20,15 @@ from typing import Any
 
 import torch
 
+from qi_core.conditioning import Conditioning, encode_sample, injector_declarations
 from qi_core.errors import InvalidInputError
-from qi_core.training import checkpoint as ckpt
-from qi_core.training.args import TrainArgs, make_args
-from qi_core.training.conditioning import Conditioning, collate, encode_sample
-from qi_core.training.data import CachedDataset, MetadataDataset, SizeSpec, collate_samples
-from qi_core.training.metrics import MetricsLog
-from qi_core.training.models import (
-    LoRAFiles,
+from qi_core.sizing import SizeSpec
+from qi_plugins.sft import checkpoint as ckpt
+from qi_plugins.sft.args import TrainArgs, make_args
+from qi_plugins.sft.batching import collate
+from qi_plugins.sft.data import CachedDataset, MetadataDataset, collate_samples
+from qi_plugins.sft.metrics import MetricsLog
+from qi_plugins.sft.models import (
     TrainingModule,
     as_module,
     default_dtype,
@@ -36,7 +37,7 @@ from qi_core.training.models import (
     prepare_for_training,
     trainable_state_dict,
 )
-from qi_core.training.plan import PlanSampler, PlanSpec, epoch_plan, local, sample_seed
+from qi_plugins.sft.plan import PlanSampler, PlanSpec, epoch_plan, local, sample_seed
 
 
 @dataclass
@@ -101,10 +102,9 @@ def stage_roles(args: TrainArgs, recipe: Any) -> set[str] | None:
     return None
 
 
-def train(
-    args: TrainArgs | dict[str, Any], *, lora_files: LoRAFiles | None = None, task: Any = None
-) -> TrainResult:
-    """Run ``qi train`` with ``args`` (a :class:`TrainArgs` or its fields as a dict)."""
+def train(args: TrainArgs | dict[str, Any], *, task: Any = None) -> TrainResult:
+    """Run ``qi train`` with ``args`` (a :class:`TrainArgs` or its fields as a dict); ``task``: a training task
+    object instead of the registered ``args.task``."""
     from qi_core.plugin_host import host
 
     if isinstance(args, dict):
@@ -121,7 +121,7 @@ def train(
     # nothing is written to `out` until the arguments and the data are checked (write_run_files)
     if args.stage == "data_process":
         return _data_process(args, acc, pipe, task, out)
-    return _Run(args, acc, pipe, task, out, lora_files).run()
+    return _Run(args, acc, pipe, task, out).run()
 
 
 def check_dataset(args: TrainArgs) -> None:
@@ -183,8 +183,8 @@ def _dataset(args: TrainArgs, task: Any, pipe: Any) -> Any:
     if args.dataset_metadata_path is None:
         return CachedDataset(args.dataset_base_path, repeat=args.dataset_repeat)
     size = SizeSpec(args.height, args.width, args.max_pixels, getattr(pipe, "size_multiple", 16))
-    # the pipeline's injectors may decode their columns their own way (RGBA layers), for this run only
-    loaders = {k: v for inj in pipe.injectors for k, v in getattr(inj, "file_loaders", {}).items()}
+    # the pipeline's injectors may decode their columns their own way (Injector.file_loaders), for this run only
+    loaders = injector_declarations(pipe, "file_loaders")
     return MetadataDataset(
         args.dataset_base_path, args.dataset_metadata_path, TrainArgs.split(args.data_file_keys),
         repeat=args.dataset_repeat, size=size, required=getattr(task, "required_columns", ("image",)),
@@ -221,15 +221,13 @@ def _data_process(args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path) ->
 class _Run:
     """One training run (state shared by the loop, the saves and the resume)."""
 
-    def __init__(
-        self, args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path, lora_files: LoRAFiles | None
-    ):
+    def __init__(self, args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path):
         from accelerate.utils import DistributedType
 
         self.args, self.acc, self.pipe, self.task, self.out = args, acc, pipe, task, out
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         torch.manual_seed(args.seed)  # LoRA initialisation (DDP broadcasts rank 0's anyway)
-        roles = prepare_for_training(pipe, args, lora_files)
+        roles = prepare_for_training(pipe, args)
         if args.initialize_model_on_cpu and acc.device.type != "cpu":
             for role, comp in pipe.components.items():  # trained roles: accelerate/DeepSpeed place them
                 if role not in roles or not self.deepspeed:
