@@ -15,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from qi_core.errors import InvalidInputError, OutputPathError
 
@@ -69,6 +70,18 @@ def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """``tensors`` (moved to the CPU, made contiguous) as a safetensors file, written atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata if metadata is not None else {"format": "pt"})  # fmt: skip
+    return path
 
 
 @contextmanager

@@ -79,19 +79,16 @@ def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
 
     import qi_core as qi
     from qi_core.composer import check_call
-    from qi_core.devices import check_device, check_seed, default_device
+    from qi_core.devices import check_device, check_seed, default_device, parse_dtype
 
     # Everything the user typed is checked before the model loads: a bad --out must not cost a generation.
     target = check_output_file(args.out, (".png",), "--out")
     device = check_device(args.device) if args.device is not None else default_device()
     check_seed(args.seed)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
-        args.dtype
-    ]
+    dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
     call: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed}
     for key, value in (("num_inference_steps", args.steps), ("cfg_scale", args.cfg_scale),
                        ("height", args.height), ("width", args.width)):  # fmt: skip

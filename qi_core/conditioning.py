@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from qi_core.atomic import atomic_file
+from qi_core.atomic import save_safetensors
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_core.images import image_to_tensor
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
@@ -74,8 +74,6 @@ class Conditioning:
     # -- one sample as a file (split training's cache) ------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """One sample as a safetensors file (tensors + a JSON header), written atomically."""
-        from safetensors.torch import save_file
-
         if self.batch_size != 1:
             raise InvalidInputError(f"cache files hold one sample, this conditioning has {self.batch_size}")
         if self.block_hooks:
@@ -115,10 +113,7 @@ class Conditioning:
             "params": self.params[0] if self.params else {},
             "where": self.where[0] if self.where else "",
         }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        with atomic_file(Path(path)) as tmp:
-            save_file(tensors, str(tmp), metadata={"qi": json.dumps(header)})
-        return Path(path)
+        return save_safetensors(tensors, path, metadata={"qi": json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Conditioning:

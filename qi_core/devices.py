@@ -11,6 +11,27 @@ CHOICES = "cpu, cuda, cuda:N, mps"
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed
 
 
+#: dtype names users write (command lines, configs) → torch dtype attribute names
+DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "float8_e4m3fn": "float8_e4m3fn", "fp8": "float8_e4m3fn",
+}  # fmt: skip
+
+
+def parse_dtype(value: Any, allowed: tuple[str, ...] | None = None) -> Any:
+    """A torch dtype from a name (``"bfloat16"``, ``"bf16"`` …) or a dtype; None stays None. ``allowed`` limits
+    the canonical names accepted (e.g. compute dtypes only)."""
+    import torch
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    name = DTYPE_NAMES.get(str(value).strip().lower())
+    choices = allowed or tuple(dict.fromkeys(DTYPE_NAMES.values()))
+    if name is None or name not in choices:
+        raise InvalidInputError(f"unknown dtype {value!r}; use one of {', '.join(choices)}")
+    return getattr(torch, name)
+
+
 def available() -> list[str]:
     """The devices usable on this machine, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
     import torch

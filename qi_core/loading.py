@@ -66,8 +66,9 @@ class ModelConfig(BaseModel):
         if skip is None:
             skip = os.environ.get("DIFFSYNTH_SKIP_DOWNLOAD", "").lower() in ("1", "true", "yes")
         if not skip:
-            source = self.download_source or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope")
-            (downloader or get_downloader(source))(str(self.model_id), root, patterns)
+            (downloader or get_downloader(download_source(self.download_source)))(
+                str(self.model_id), root, patterns
+            )
         found = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
         if not found:
             raise MissingComponentError(f"no files match {patterns} in {root} (model_id={self.model_id!r})")
@@ -108,6 +109,13 @@ def _huggingface(model_id: str, local_dir: Path, patterns: list[str]) -> None:
 DOWNLOADERS: dict[str, Downloader] = {"modelscope": _modelscope, "huggingface": _huggingface}
 
 
+def download_source(explicit: str | None = None) -> str:
+    """Where hub ids are fetched from: ``explicit``, else ``QI_DOWNLOAD_SOURCE``, else DiffSynth's
+    ``DIFFSYNTH_DOWNLOAD_SOURCE``, else ModelScope."""
+    env = os.environ.get("QI_DOWNLOAD_SOURCE") or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE")
+    return explicit or env or "modelscope"
+
+
 def get_downloader(source: str) -> Downloader:
     try:
         return DOWNLOADERS[source]
@@ -130,7 +138,7 @@ def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], down
     s = os.fspath(model)
     if Path(s).expanduser().is_dir():
         return Path(s).expanduser()
-    source = os.environ.get("QI_DOWNLOAD_SOURCE", os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope"))
+    source = download_source()
     for prefix, src in (("hf:", "huggingface"), ("ms:", "modelscope")):
         if s.startswith(prefix):
             s, source = s[len(prefix) :], src

@@ -70,16 +70,9 @@ def hub_file(name_or_path: str) -> Path:
                 f"--i2l/--bias {name_or_path!r} is neither a file nor one of {', '.join(I2L_FILES)}"
             )
         return path
-    from qi_core.loading import get_downloader, resolve_model_root
+    from qi_plugins.lora.preset import fetch_file
 
-    file = I2L_FILES[name_or_path]
-    source = os.environ.get("QI_DOWNLOAD_SOURCE", os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope"))
-
-    def fetch(repo: str, local_dir: Path, patterns: list[str]) -> None:
-        if not (Path(local_dir) / file).is_file():  # already there: works offline
-            get_downloader(source)(repo, local_dir, patterns)
-
-    return resolve_model_root(I2L_REPO, [], downloader=fetch, patterns=[file]) / file
+    return fetch_file(I2L_REPO, I2L_FILES[name_or_path])
 
 
 def load_embeddings(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,6 +120,7 @@ def vl_processor(root: Path, device: Any, dtype: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from qi_core.devices import parse_dtype
     from qi_plugins.i2l.model import decode, load_i2l, merge_loras, save_lora
 
     if bool(args.images) == bool(args.embeddings):
@@ -134,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
             "give image files or --embeddings FILE (precomputed inputs), not both or neither"
         )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.dtype, torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16")) or (
+        torch.float32 if device == "cpu" else torch.bfloat16
     )
     order = {"style": 0, "coarse": 1, "fine": 2}  # the seed runs style, then coarse, then fine
     names = sorted(args.i2l or ["style"], key=lambda n: order.get(n, 3))

@@ -269,15 +269,9 @@ def save_lora(
     lora: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write a LoRA state dict as safetensors, atomically (temporary file in the same folder, then rename)."""
-    from safetensors.torch import save_file
+    from qi_core.atomic import save_safetensors
 
-    from qi_core.atomic import atomic_file
-
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in lora.items()}
-        save_file(tensors, str(tmp), metadata={"format": "pt", **(metadata or {})})
-    return path
+    return save_safetensors(lora, path, metadata={"format": "pt", **(metadata or {})})
 
 
 def decode(models: Sequence[Image2LoRA], x: torch.Tensor, residual: torch.Tensor | None = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from qi_core.hookspecs import hookimpl
 from qi_core.recipe import Component, Recipe
+from qi_plugins.eligen import NEGATIVE_PROMPT_ZH  # the In-Context example's negative prompt too
 from qi_plugins.qwen_image import COMPONENTS as BASE_COMPONENTS
 from qi_plugins.qwen_image.names import INPUT_IMAGE, SCHEDULER
 
@@ -15,12 +16,6 @@ QI_HOOK_API = 1
 QI_REQUIRES = ("qwen_image", "eligen")  # the base parts; the LoRA-as-component helper is EliGen's
 _P = "qi_plugins.in_context"
 LORA_ID = "DiffSynth-Studio/Qwen-Image-In-Context-Control-Union"
-
-# The negative prompt of DiffSynth-Studio's In-Context-Control-Union example.
-NEGATIVE_PROMPT_ZH = (
-    "网格化，规则的网格，模糊, 低分辨率, 低质量, 变形, 畸形, 错误的解剖学, 变形的手, 变形的身体, 变形的脸, "
-    "变形的头发, 变形的眼睛, 变形的嘴巴"
-)
 
 
 @hookimpl

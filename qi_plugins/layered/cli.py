@@ -41,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     import qi_core as qi
     from qi_core.cli import save_png
+    from qi_core.devices import parse_dtype
     from qi_core.images import load_image
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
-    pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype[args.dtype],
+    dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
+    pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
                       adapters=args.adapter or (), memory=args.memory)  # fmt: skip
     image = load_image(args.image, "image")
     call: dict[str, Any] = {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qi_core.atomic import atomic_file
+from qi_core.atomic import save_safetensors
 from qi_core.errors import InvalidInputError, MissingComponentError, ModelLoadError, WeightMismatchError
 
 if TYPE_CHECKING:
@@ -265,14 +265,10 @@ def to_format(weights: Any, fmt: str) -> dict[str, torch.Tensor]:
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], out_path: str | os.PathLike, metadata=None) -> Path:
     """Write a safetensors file through a temporary file in the same folder and ``os.replace``."""
-    from safetensors.torch import save_file
-
     path = Path(os.fspath(out_path)).expanduser()
     if path.suffix != ".safetensors":
         raise InvalidInputError(f"output {path.name!r} must end in .safetensors (qi writes safetensors only)")
-    with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    return path
+    return save_safetensors(tensors, path, metadata=metadata or {})
 
 
 def convert_file(in_path: str | os.PathLike, out_path: str | os.PathLike, fmt: str) -> Path:

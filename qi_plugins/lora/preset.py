@@ -6,7 +6,6 @@ their own sigma schedule. A :class:`PresetLoRA` applies all of it and ``remove``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,9 @@ from qi_core.protocols import Adapter
 
 def fetch_file(model_id: str, file: str, downloader: Any = None) -> Path:
     """One file of a hub repository (``ORG/NAME``, ``hf:ORG/NAME``, or a local folder), downloaded once."""
-    from qi_core.loading import get_downloader, resolve_model_root
+    from qi_core.loading import download_source, get_downloader, resolve_model_root
 
-    source = os.environ.get("QI_DOWNLOAD_SOURCE", os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE", "modelscope"))
-    source = {"hf:": "huggingface", "ms:": "modelscope"}.get(model_id[:3], source)
+    source = {"hf:": "huggingface", "ms:": "modelscope"}.get(model_id[:3], download_source())
 
     def fetch(repo: str, local_dir: Path, patterns: list[str]) -> None:
         if (Path(local_dir) / file).is_file():  # already there: no hub call, works offline

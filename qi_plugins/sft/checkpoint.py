@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qi_core.atomic import atomic_file
+from qi_core.atomic import save_safetensors
 from qi_core.errors import InvalidInputError, ModelLoadError
 
 STATES = "checkpoints"
@@ -30,11 +30,7 @@ def save_weights(
     weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """``weights`` as a safetensors file, written atomically (readers never see a half-written file)."""
-    from safetensors.torch import save_file
-
-    with atomic_file(Path(path)) as tmp:
-        save_file(weights, str(tmp), metadata=metadata or {"format": "pt"})
-    return Path(path)
+    return save_safetensors(weights, path, metadata=metadata or {"format": "pt"})
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

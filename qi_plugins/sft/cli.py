@@ -72,6 +72,7 @@ def run_validate(ns: argparse.Namespace) -> int:
 
     import qi_core as qi
     from qi_core.cli import save_png
+    from qi_core.devices import parse_dtype
     from qi_core.errors import InvalidInputError
     from qi_plugins.sft.validate import checkpoint_keys, load_trained, require_lora, resolve_checkpoint
 
@@ -85,9 +86,7 @@ def run_validate(ns: argparse.Namespace) -> int:
         checkpoint_keys(path)
     paths = checkpoints + [require_lora(given) for given in ns.lora]
     device = ns.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}[
-        ns.dtype
-    ]
+    dtype = parse_dtype(ns.dtype, ("float32", "bfloat16", "float16"))
     pipe = qi.compose(ns.pipeline, model=ns.model, device=device, torch_dtype=dtype)
     loaded = []
     for path in paths:

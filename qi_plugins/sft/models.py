@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qi_core.devices import parse_dtype
 from qi_core.errors import InvalidInputError, WeightMismatchError
 from qi_core.protocols import component_module
 from qi_plugins.sft.args import TrainArgs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def as_module(component: Any, role: str = "component") -> nn.Module:
@@ -324,5 +323,5 @@ def load_trainable(
 
 def default_dtype(args: TrainArgs, device: torch.device) -> torch.dtype:
     if args.torch_dtype is not None:
-        return DTYPES[args.torch_dtype]
+        return parse_dtype(args.torch_dtype, ("float32", "bfloat16", "float16"))
     return torch.float32 if device.type == "cpu" else torch.bfloat16
