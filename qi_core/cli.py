@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.atomic import atomic_file, check_output_file, check_writable_parent
-from qi_core.errors import OutputPathError, QiError
+from qi_core.errors import InvalidInputError, OutputPathError, QiError
 
+DEFAULT_PIPELINE = "qwen-image"
 EXIT_ERROR = 2  # a QiError: bad input, named in one line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a Ctrl-C
 
@@ -79,27 +80,21 @@ def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-
     import qi_core as qi
     from qi_core.composer import check_call
     from qi_core.devices import check_device, check_seed, default_device, parse_dtype
+    from qi_core.flags import as_flag_error, call_from_args
 
     # Everything the user typed is checked before the model loads: a bad --out must not cost a generation.
     target = check_output_file(args.out, (".png",), "--out")
     device = check_device(args.device) if args.device is not None else default_device()
     check_seed(args.seed)
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
-    call: dict[str, Any] = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed}
-    for key, value in (("num_inference_steps", args.steps), ("cfg_scale", args.cfg_scale),
-                       ("height", args.height), ("width", args.width)):  # fmt: skip
-        if value is not None:
-            call[key] = value
-    if args.input_image:
-        call["input_image"] = args.input_image
-        call["denoising_strength"] = args.strength
-    if args.inpaint_mask:
-        call["inpaint_mask"] = args.inpaint_mask
-    check_call(args.pipeline, call)  # values against the declarations (e.g. --cfg-scale nan), before loading
+    call: dict[str, Any] = {"prompt": args.prompt, **call_from_args(args, args.parameter_flags)}
+    try:  # values against the declarations (e.g. --cfg-scale nan), before loading
+        check_call(args.pipeline, call)
+    except InvalidInputError as e:
+        raise as_flag_error(e) from None
     pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
                       adapters=args.adapter or (), memory=args.memory)  # fmt: skip
     settings = {**pipe.parameters(), **call}
@@ -107,7 +102,11 @@ def _generate(args: argparse.Namespace) -> int:
         import random
 
         settings["seed"] = call["seed"] = random.randrange(2**31)
-    out = pipe(**call)
+        print(f"seed {call['seed']}")
+    try:
+        out = pipe(**call)
+    except InvalidInputError as e:
+        raise as_flag_error(e) from None
     images = out if isinstance(out, list) else [out]
     meta = {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
                                      "height", "width")}  # fmt: skip
@@ -119,23 +118,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> list[str]:
+    """Flags for every declared parameter of ``pipeline`` (an unknown name is reported when the command runs)."""
+    from qi_core.composer import declarations
+    from qi_core.flags import add_parameter_flags
+    from qi_core.params import specs
+    from qi_core.plugin_host import host
+
+    try:
+        recipe = host().registry.get("pipeline", pipeline).load()
+    except QiError:
+        return []
+    return add_parameter_flags(parser, specs(declarations(recipe), recipe.defaults, recipe.required))
+
+
+def _pipeline_in(argv: list[str] | None) -> str | None:
+    """The ``--pipeline`` of a ``qi generate`` command line (its flags depend on it), else the default; None
+    for other commands (building the flags imports the pipeline's injectors, which ``qi plugins`` must not)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "generate":
+        return None
+    for i, a in enumerate(argv):
+        if a == "--pipeline" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--pipeline="):
+            return a.split("=", 1)[1]
+    return DEFAULT_PIPELINE
+
+
+def build_parser(pipeline: str | None = DEFAULT_PIPELINE) -> argparse.ArgumentParser:
+    """The ``qi`` parser; ``qi generate`` gets the flags of ``pipeline``'s declared parameters (none: None)."""
     parser = argparse.ArgumentParser(prog="qi", description="Run and train the Qwen-Image family.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate an image")
+    g = sub.add_parser("generate", help="generate an image",
+                       description="Generate an image. `qi generate --pipeline NAME --help` lists NAME's flags.")  # fmt: skip
     g.add_argument("prompt")
-    g.add_argument("--pipeline", default="qwen-image", help="recipe name (see `qi pipelines`)")
+    g.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="recipe name (see `qi pipelines`)")
     g.add_argument("--model", default=None, help="folder, hub id (hf:ORG/NAME for Hugging Face) or 'tiny'")
-    g.add_argument("--seed", type=int, default=None, help="0 … 2^64-1 (default: random)")
-    g.add_argument("--steps", type=int, default=None, help="num_inference_steps")
-    g.add_argument("--cfg-scale", type=float, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--negative-prompt", default="")
-    g.add_argument("--input-image", default=None, help="img2img / inpaint source image")
-    g.add_argument("--strength", type=float, default=1.0, help="denoising_strength with --input-image")
-    g.add_argument("--inpaint-mask", default=None, help="white = redraw")
+    g.set_defaults(parameter_flags=_parameter_flags(g, pipeline) if pipeline else [])
     g.add_argument("--adapter", action="append", help="adapter name (repeatable)")
     g.add_argument("--memory", default="none", help="memory policy name")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
@@ -209,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``qi`` command; exit code 0, 2 for a :class:`QiError` (one line on stderr), 130 on Ctrl-C."""
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser(_pipeline_in(argv)).parse_args(argv)
             return args.func(args)
         finally:
             sys.stdout.flush()  # a closed pipe shows up here (also after --help), not at interpreter exit

@@ -40,7 +40,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     import torch
 
     from qi_core.devices import check_device
-    from qi_core.loading import component_folder, component_source, loading_policy, resolve_model_root
+    from qi_core.loading import component_folder, component_source, load_component, resolve_model_root
     from qi_core.pipeline import Pipeline
 
     reg = host().registry
@@ -101,9 +101,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
         else:
             folder = component_folder(Path(root), comp.subfolder) if comp.subfolder else Path(root)
         factory = reg.get(comp.kind, comp.part).load()
-        with loading_policy(policies[role], device=device, dtype=dtype):
-            obj = factory(root=Path(root), folder=folder, device="cpu", dtype=dtype)
-        components[role] = policies[role].attach(obj, device=device, dtype=dtype)
+        # the policy reads the weights when the factory takes ``load`` and gets back what it read at attach
+        loaded = load_component(
+            factory, policies[role], root=Path(root), folder=folder, device=device, dtype=dtype
+        )
+        components[role] = policies[role].attach(loaded, device=device, dtype=dtype)
         bar.update(1)
     bar.close()
 
@@ -205,7 +207,21 @@ def check_call(name: str, values: dict[str, Any]) -> dict[str, Any]:
     from qi_core.params import validate
 
     recipe = host().registry.get("pipeline", name).load()
-    return validate(declarations(recipe), {**dict(recipe.defaults), **values})
+    checked = validate(declarations(recipe), {**dict(recipe.defaults), **values})
+    missing = [k for k in recipe.required if checked.get(k) is None]
+    if missing:
+        raise required_error(name, missing[0], describe(recipe)["parameters"])
+    return checked
+
+
+def required_error(pipeline: str, param: str, specs: list[dict[str, Any]]) -> InvalidInputError:
+    """``param`` is required by ``pipeline`` (its recipe's ``required``), with the parameter's description."""
+    what = next((s["description"] for s in specs if s["name"] == param), "")
+    e = InvalidInputError(
+        f"{param} is required by pipeline {pipeline!r}" + (f" — {param}: {what}" if what else "")
+    )
+    e.param = param
+    return e
 
 
 def get_scheduler(name: str) -> Any:

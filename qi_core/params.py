@@ -190,4 +190,6 @@ def _error(model: type[CallParams], e: ValidationError, given: Mapping[str, Any]
     msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Input should be ")
     kind = (info.json_schema_extra or {}).get("kind") if info is not None else None
     error = ImageReadError if kind in ("image", "mask", "images", "masks") else InvalidInputError
-    return error(f"{name} must be {msg}, got {got!r}{what}")
+    out = error(f"{name} must be {msg}, got {got!r}{what}")
+    out.param = name  # the command line rewords it with the flag
+    return out

@@ -196,9 +196,6 @@ class Pipeline:
         self.step_runner = self.part("step_runner", self.step_runner)
         return self.step_runner
 
-    def describe_param(self, name: str) -> str:
-        return next((p["description"] for p in self.parameter_specs() if p["name"] == name), "")
-
     def injector(self, name: str) -> Injector | None:
         return next((i for i in self.injectors if i.name == name), None)
 
@@ -217,10 +214,9 @@ class Pipeline:
         state = self.new_state(kwargs)
         missing = [k for k in self.required if state.params.get(k) is None]
         if missing:
-            raise InvalidInputError(
-                f"pipeline {self.name!r} needs {missing[0]} ({self.describe_param(missing[0])}); pass "
-                f"{missing[0]}=..."
-            )
+            from qi_core.composer import required_error
+
+            raise required_error(self.name, missing[0], self.parameter_specs())
         with torch.inference_mode():
             return self._run(state)
 
@@ -332,12 +328,7 @@ class Pipeline:
             def velocity(latents: torch.Tensor, i: int, sigma: torch.Tensor) -> torch.Tensor:
                 return self.velocity(state, dit, latents, i, sigma)
 
-            try:
-                return state.data["sampler"].sample(velocity, state.latents, full, state=state)
-            finally:
-                if getattr(dit, "step_cache", None) is not None:
-                    dit.step_cache = None
-                    self.memory[self.roles["denoiser"]].skip_parameters(set())
+            return state.data["sampler"].sample(velocity, state.latents, full, state=state)
 
     def denoise_inputs(self, state: RunState, latents: torch.Tensor, i: int,
                        timestep: torch.Tensor) -> dict[str, DenoiseInput]:  # fmt: skip
@@ -361,8 +352,8 @@ class Pipeline:
         """The guided velocity of step ``i`` at ``sigma``: inputs → step runner → guider → injectors."""
         state.sigma = sigma
         inputs = self.denoise_inputs(state, latents, i, self.timestep(state, i, sigma))
-        if "step_cache" not in state.data:  # first evaluation of the call
-            state.data["step_cache"] = self._fill_step_cache(dit, list(inputs.values()), state.timesteps)
+        if "memory_prepared" not in state.data:  # the denoiser's first evaluation in this call
+            state.data["memory_prepared"] = self._prepare_memory(dit, list(inputs.values()), state.timesteps)
         preds = self._runner().run(dit, inputs, state=state, step=i, sigma=sigma)
         for side in state.sides:
             self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
@@ -372,16 +363,16 @@ class Pipeline:
             v = inj.velocity(self, state, i, v, latents)
         return v
 
-    def _fill_step_cache(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> bool:
-        """When the memory policy asks for it (``wants_step_cache``) and the denoiser can precompute its
-        per-timestep state (``fill_step_cache``), do it once per call; the weights only that state needs then
-        stay put. Returns whether it did."""
-        policy = (self.memory or {}).get(self.roles["denoiser"])
-        if getattr(policy, "wants_step_cache", False) and hasattr(dit, "fill_step_cache"):
-            dit.fill_step_cache(inputs, timesteps.to(self.device, self.dtype))
-            policy.skip_parameters(dit.step_cache_parameters())
-            return True
-        return False
+    def _prepare_memory(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> bool:
+        """Show the denoiser's memory policy the call before its first step (its optional ``prepare``: the
+        first evaluation's inputs, one per side, and every timestep of the schedule), e.g. to compute what
+        depends on the timestep alone for all steps at once. What it sets up ends with the ``using`` block.
+        Returns whether the policy has the hook."""
+        prepare = getattr((self.memory or {}).get(self.roles["denoiser"]), "prepare", None)
+        if prepare is None:
+            return False
+        prepare(dit, inputs, timesteps=timesteps.to(self.device, self.dtype))
+        return True
 
     def decode(self, state: RunState, latents: torch.Tensor) -> Any:
         kind = state.params["output_type"]

@@ -88,7 +88,7 @@ def test_bad_values_fail_before_anything_loads(values, says):
 
 def test_cli_rejects_nan_before_loading(capsys):
     assert main(["generate", "x", "--cfg-scale", "nan", "--model", "/no/such/model", "--out", "x.png"]) == 2
-    assert "cfg_scale must be a finite number" in capsys.readouterr().err
+    assert "--cfg-scale must be a finite number" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

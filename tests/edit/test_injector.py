@@ -118,7 +118,7 @@ def test_segments_follow_the_call():
     assert not calls[0].images[0].rope_from_target
     # no edit image: the edit recipes require one (the recipe's ``required``), rather than silently
     # generating from the text alone
-    with pytest.raises(InvalidInputError, match="pipeline 'qwen-image-edit' needs edit_image"):
+    with pytest.raises(InvalidInputError, match="edit_image is required by pipeline 'qwen-image-edit'"):
         denoise_inputs(pipe, prompt="x", zero_cond_t=True, **FAST)
 
 

@@ -40,7 +40,7 @@ def test_recipe_defaults_follow_the_seed_examples(pipe):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        ({"layer_input_image": None}, "pass layer_input_image"),
+        ({"layer_input_image": None}, "layer_input_image is required by pipeline"),
         ({"layer_num": -1}, "layer_num must be greater than or equal to 0, got -1"),
         ({"layer_num": 1.5}, "layer_num must be a valid integer"),
         ({"layer_input_image": rgba(40, 32)}, r"40x32 \(WxH\); both sides must be multiples of 16"),

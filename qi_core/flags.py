@@ -1,0 +1,94 @@
+"""Command-line flags generated from a pipeline's declared call parameters (``qi_core.params.specs``).
+
+Each parameter ``name`` becomes ``--name`` with underscores as hyphens, its type, its description and its default
+in ``--help``; nothing here lists a variant's parameters. Values left out stay the recipe's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from qi_core.errors import InvalidInputError
+
+#: Parameters the command line sets another way: the prompt is positional, Python callables and the output
+#: type have no command-line form (the command writes image files).
+HANDLED_ELSEWHERE = ("prompt", "progress_bar_cmd", "output_type")
+#: Short forms kept from earlier versions of the command line.
+ALIASES = {"num_inference_steps": ("--steps",), "denoising_strength": ("--strength",)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """The non-null alternative of an optional parameter's JSON schema."""
+    t = spec["type"]
+    options = [o for o in t.get("anyOf", [t]) if o.get("type") != "null"]
+    return options[0] if options else {}
+
+
+def _kind_of(schema: dict[str, Any]) -> str | None:
+    t = schema.get("type")
+    return next((x for x in t if x != "null"), None) if isinstance(t, list) else t
+
+
+def add_parameter_flags(parser: argparse.ArgumentParser, specs: list[dict[str, Any]]) -> list[str]:
+    """Add one flag per declared parameter; returns the parameter names that got one (``name:one`` for
+    "one image or a list" parameters, which receive a single file as one image)."""
+    group = parser.add_argument_group("pipeline parameters", "declared by the pipeline and its plugins")
+    added = []
+    for spec in specs:
+        name = spec["name"]
+        if name in HANDLED_ELSEWHERE or spec.get("kind") in ("callable", "entries"):
+            continue
+        schema = _schema(spec)
+        kind = _kind_of(schema)
+        default = spec["default"]
+        shown = "" if default is None else f" (default: {default})"
+        kw: dict[str, Any] = {"dest": name, "default": None, "help": f"{spec['description']}{shown}"}
+        if spec.get("kind") in ("image", "mask"):
+            kw["metavar"] = "FILE"
+        elif spec.get("kind") in ("images", "masks"):
+            kw.update(nargs="+", metavar="FILE")
+        elif kind == "boolean":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif "enum" in schema:
+            kw["choices"] = schema["enum"]
+        elif kind == "integer":
+            kw["type"] = int
+        elif kind == "number":
+            kw["type"] = float
+        elif kind == "array":
+            kw["nargs"] = "+"
+            item = _kind_of(schema.get("items", {}))
+            kw["type"] = {"integer": int, "number": float}.get(item, str)
+        elif kind != "string" and name in ("guidance", "sampler"):
+            kw["type"] = str
+        elif kind is not None and kind != "string":
+            kw["type"] = {"integer": int, "number": float}.get(kind, str)
+        group.add_argument(flag(name), *ALIASES.get(name, ()), **kw)
+        added.append(f"{name}:one" if spec.get("kind") == "images" else name)
+    return added
+
+
+def call_from_args(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The call parameters the user gave (flags left out are not passed: the recipe's defaults apply)."""
+    call = {}
+    for entry in names:
+        name, _, one = entry.partition(":")
+        value = getattr(args, name, None)
+        if value is not None:
+            call[name] = value[0] if one and isinstance(value, list) and len(value) == 1 else value
+    return call
+
+
+def as_flag_error(e: InvalidInputError) -> InvalidInputError:
+    """An error about a call parameter, reworded with its flag (``--cfg-scale must be …``)."""
+    name = getattr(e, "param", None)
+    if not name or not str(e).startswith(name):
+        return e
+    text = flag(name) + str(e)[len(name) :]
+    text = text.replace(f" — {name}: ", f" — {flag(name)}: ")
+    return type(e)(text)
