@@ -64,21 +64,22 @@ def reset_peak() -> None:
 
 def run_qi(policy_name: str, steps: int, size: int) -> tuple[float, float]:
     from qi_core.composer import memory_policies
+    from qi_core.loading import Loaded
     from qi_core.protocols import DenoiseInput
 
     reset_peak()
     policy = memory_policies(policy_name, ["dit"])["dit"]
     dit = make_dit(DEV if policy_name == "none" else "cpu")
-    dit = policy.attach(dit, device=DEV, dtype=DTYPE)
+    dit = policy.attach(Loaded(dit), device=DEV, dtype=DTYPE)
     reset_peak()
     x, pos, neg = inputs(size)
     sigmas = torch.linspace(1, 0.02, steps, device=DEV)
     times = []
     with torch.inference_mode(), policy.use(dit):
-        if hasattr(policy, "skip_parameters"):
-            first = [DenoiseInput(latents=x, timestep=sigmas[:1] * 1000, text=[s]) for s in (pos, neg)]
-            dit.fill_step_cache(first, sigmas * 1000)
-            policy.skip_parameters(dit.step_cache_parameters())
+        if hasattr(policy, "prepare"):  # the modulation of every step, as the pipeline's first step does
+            ts = (sigmas * 1000).to(DTYPE)
+            first = [DenoiseInput(latents=x, timestep=ts[:1], text=[s]) for s in (pos, neg)]
+            policy.prepare(dit, first, timesteps=ts)
         for i in range(steps):
             t = (sigmas[i : i + 1] * 1000).to(DTYPE)
             sync()

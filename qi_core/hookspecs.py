@@ -68,7 +68,8 @@ def qi_register_encoders(register: Register) -> None:
     """Register encoders: ``register(name, factory, *, role, aliases=())``.
 
     ``factory(root=, folder=, device=, dtype=)`` returns a loaded encoder object (``root`` the model
-    repository, ``folder`` the component's subfolder). ``role`` is the recipe slot it fills (``"text_encoder"``,
+    repository, ``folder`` the component's subfolder); a factory naming a ``load`` parameter also gets the
+    memory policy's reader (see :func:`qi_core.loading.load_module`). ``role`` is the recipe slot it fills (``"text_encoder"``,
     ``"vae"``, ``"processor"`` …): a recipe that puts the part in another slot is refused. A text encoder
     implements :class:`qi_core.protocols.TextEncoder`; an autoencoder implements
     :class:`qi_core.protocols.Autoencoder`. Called once per plugin at load time.
@@ -79,9 +80,9 @@ def qi_register_encoders(register: Register) -> None:
 def qi_register_denoisers(register: Register) -> None:
     """Register denoisers: ``register(name, factory, *, aliases=())``.
 
-    ``factory(root=, folder=, device=, dtype=)`` returns an object implementing
-    :class:`qi_core.protocols.Denoiser` (called with a :class:`qi_core.protocols.DenoiseInput`, returns the
-    velocity of the target latents). Block types the denoiser is built from are part of the denoiser.
+    ``factory(root=, folder=, device=, dtype=)`` (plus ``load=`` when it names that parameter, as for
+    encoders) returns an object implementing :class:`qi_core.protocols.Denoiser` (called with a
+    :class:`qi_core.protocols.DenoiseInput`, returns the velocity of the target latents). Block types the denoiser is built from are part of the denoiser.
     Called once per plugin at load time.
     """
 
@@ -113,8 +114,8 @@ def qi_register_memory_policies(register: Register) -> None:
     """Register memory policies: ``register(name, factory, *, aliases=())``.
 
     ``factory(role=, **settings)`` returns an object implementing :class:`qi_core.protocols.MemoryPolicy`:
-    it places a loaded model (``attach``) and wraps each use of it (``use`` context manager), deciding where
-    the weights live between calls. Called once per plugin at load time.
+    it may read a model itself (``load``), places it (``attach``) and wraps each use of it (``use`` context
+    manager), deciding where the weights live between calls. Called once per plugin at load time.
     """
 
 

@@ -409,17 +409,22 @@ def check_state_dict(expected: Mapping[str, Any], found: Mapping[str, Any], what
         )
 
 
+Load = Callable[..., Any]
+"""``load(build, files, *, device, dtype, what) -> module``: what a factory calls (through
+:func:`load_module`'s ``load=``) to read one module; ``build()`` constructs it, ``files`` hold its weights."""
+
+
 def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
-                what: str = "model") -> Any:  # fmt: skip
-    """Build a module without allocating (meta device), check and assign the weights, cast, eval."""
+                what: str = "model", load: Load | None = None) -> Any:  # fmt: skip
+    """Build a module without allocating (meta device), check and assign the weights, cast, eval.
+
+    ``load``: the loader a factory was handed (``factory(..., load=)``, see :class:`PolicyLoader`); it reads
+    the module instead, so the component's memory policy can (leaving layers on disk, quantising them …).
+    """
     import torch
 
-    active = _LOADING.get()
-    if active is not None and hasattr(active[0], "load"):
-        policy, kw = active
-        loaded = policy.load(build, files, what=what, **kw)
-        if loaded is not None:  # the policy reads the weights itself (lazily, from disk …)
-            return loaded
+    if load is not None:
+        return load(build, files, device=device, dtype=dtype, what=what)
     with torch.device("meta"):
         module = build()
     sd = read_state_dict(files)
@@ -433,15 +438,58 @@ def load_module(build: Callable[[], Any], files: list[Path], *, device: Any = "c
     return module.to(device).eval().requires_grad_(False)
 
 
-_LOADING: ContextVar[tuple[Any, dict[str, Any]] | None] = ContextVar("qi_loading_policy", default=None)
+# -- loading through a memory policy ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Loaded:
+    """What a memory policy's ``attach`` places: the component its factory returned, and what the policy's
+    ``load`` returned for each module the factory read through ``load``, in order (empty when it read none:
+    a factory that does not take ``load``, or a policy without ``load``)."""
+
+    component: Any
+    reads: tuple[Any, ...] = ()
 
 
-@contextmanager
-def loading_policy(policy: Any, **kw: Any):
-    """While active, :func:`load_module` lets ``policy.load(build, files, device=, dtype=, what=)`` load
-    the module (a policy that keeps weights on disk reads them lazily instead)."""
-    token = _LOADING.set((policy, kw))
+class PolicyLoader:
+    """The ``load`` the composer hands a factory for one component: each module is read by the component's
+    memory policy (``policy.load(build, files, *, device, dtype, what)`` → an object whose ``module`` is the
+    built module, or None to decline), else by :func:`load_module`. What the policy returned is kept, in
+    order, in ``reads`` for its ``attach``.
+
+    ``device`` is the compute device the policy will attach the component to; the factory's own ``device``
+    (where it wants modules before ``attach``) only applies to modules the policy declines.
+    """
+
+    def __init__(self, policy: Any, *, device: Any):
+        self.policy, self.device = policy, device
+        self.reads: list[Any] = []
+
+    def __call__(self, build: Callable[[], Any], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
+                 what: str = "model") -> Any:  # fmt: skip
+        read = getattr(self.policy, "load", None)
+        got = None if read is None else read(build, files, device=self.device, dtype=dtype, what=what)
+        if got is None:
+            return load_module(build, files, device=device, dtype=dtype, what=what)
+        self.reads.append(got)
+        return got.module
+
+
+def takes_load(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` names a ``load`` parameter (a factory written without it reads its weights in full;
+    ``**kwargs`` does not count: it may hand them on to something that does not take ``load``)."""
+    import inspect
+
     try:
-        yield
-    finally:
-        _LOADING.reset(token)
+        param = inspect.signature(factory).parameters.get("load")
+    except (TypeError, ValueError):  # a callable without a signature: call it as before
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+def load_component(factory: Callable[..., Any], policy: Any, *, root: Path, folder: Any, device: Any,
+                   dtype: Any) -> Loaded:  # fmt: skip
+    """``factory(root=, folder=, device="cpu", dtype=, load=)`` with a :class:`PolicyLoader` for ``policy``
+    (``load`` left out for a factory that does not take it), as ``policy.attach`` receives it."""
+    loader = PolicyLoader(policy, device=device)
+    extra = {"load": loader} if takes_load(factory) else {}
+    component = factory(root=root, folder=folder, device="cpu", dtype=dtype, **extra)
+    return Loaded(component, tuple(loader.reads))

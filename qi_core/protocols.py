@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from qi_core.conditioning import Conditioning
+    from qi_core.loading import Loaded
     from qi_core.pipeline import Pipeline, RunState
 
 
@@ -69,8 +70,8 @@ class DenoiseInput:
 class Denoiser(Protocol):
     """Required: ``__call__(inp)``. Optional: ``forward_many(inputs) -> list`` (several independent inputs —
     the CFG sides — layer by layer, so each layer runs, and moves, once per step; each result must equal its
-    own ``__call__``), ``patch_size``, and the step cache (``fill_step_cache``, ``step_cache_parameters``,
-    see :class:`MemoryPolicy`)."""
+    own ``__call__``), ``patch_size``, and whatever a memory policy's ``prepare`` looks for (the memory plugin:
+    the timestep-only state, ``modulation_layers`` …)."""
 
     def __call__(self, inp: DenoiseInput) -> torch.Tensor:
         """Return the velocity of the target latents, shaped like ``inp.latents``."""
@@ -177,18 +178,20 @@ class Adapter:
 class MemoryPolicy(Protocol):
     """Where one component's weights live. Required: ``attach`` and ``use``. Optional:
 
-    * ``load(build, files, *, device, dtype, what) -> module | None`` — load the module itself (e.g. leave
-      layers on disk); called by :func:`qi_core.loading.load_module` while the policy is active; None = the
-      default loader reads everything.
-    * ``wants_step_cache = True`` + ``skip_parameters(names)`` — the pipeline then asks a denoiser with
-      ``fill_step_cache(inputs, timesteps)`` to precompute its per-timestep state once per call, and tells the
-      policy which per-layer parameters (``denoiser.step_cache_parameters()``) need not move any more.
+    * ``load(build, files, *, device, dtype, what)`` — read one module itself (e.g. leave layers on disk);
+      the composer hands factories a ``load`` that asks it (:class:`qi_core.loading.PolicyLoader`). Returns
+      an object whose ``module`` is the built module, handed back to ``attach`` in ``Loaded.reads``; None =
+      the default loader reads everything.
+    * ``prepare(model, inputs, *, timesteps)`` — called inside ``use`` at the denoiser's first evaluation of
+      a call with its inputs (one per guidance side) and every timestep of the schedule, e.g. to compute what
+      depends on the timestep alone for every step at once; what it sets up ends with the ``use``.
     """
 
     name: str
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
-        """Place a freshly loaded model; return it (possibly wrapped)."""
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
+        """Place a freshly loaded component (``loaded.component``, with what ``load`` read in
+        ``loaded.reads``); return it (possibly wrapped)."""
 
     def use(self, model: Any) -> AbstractContextManager[Any]:
         """Context manager around one use of ``model`` on the compute device."""

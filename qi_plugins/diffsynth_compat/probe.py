@@ -8,10 +8,10 @@ one read off their shapes), and the keys and shapes of its state dict are compar
 layered transformer (one extra ``time_text_embed.addition_t_embedding.weight``) then fits exactly the parts
 that build that embedding.
 
-The parts load through :func:`qi_core.loading.load_module`, which hands the build to an active loading policy;
-the probe is such a policy that compares instead of loading. Only roles whose part differs between candidate
-recipes are probed (the text encoder, shared by every recipe, never is): a part that loaded its weights some
-other way would be loaded for real once.
+A part's factory reads its modules through the ``load`` it is handed (``factory(..., load=)``, as the composer
+hands it a memory policy's); the probe hands it one that compares instead of loading. Only roles whose part
+differs between candidate recipes are probed (the text encoder, shared by every recipe, never is); a factory
+that takes no ``load`` cannot be asked.
 """
 
 from __future__ import annotations
@@ -32,14 +32,14 @@ class _Compared(Exception):  # noqa: N818 — control flow, never seen by users
     """Stops a part's factory once the probe has compared (nothing is loaded)."""
 
 
-class _ProbePolicy:
-    """A loading policy (see :func:`qi_core.loading.loading_policy`) that compares keys and shapes."""
+class _ProbeLoad:
+    """A factory's ``load`` (see :class:`qi_core.loading.PolicyLoader`) that compares keys and shapes."""
 
     def __init__(self, shapes: Shapes):
         self.shapes = shapes
         self.fits: bool | None = None
 
-    def load(self, build: Callable[[], Any], files: list[Path], **_: Any) -> Any:
+    def __call__(self, build: Callable[[], Any], files: list[Path], **_: Any) -> Any:
         import torch
 
         with torch.device("meta"):  # shapes only: no memory, no weights read
@@ -67,7 +67,7 @@ class PartProbe:
     def _ask(self, comp: Component, role: str, w: Weights) -> bool | None:
         import torch
 
-        from qi_core.loading import loading_policy
+        from qi_core.loading import takes_load
         from qi_core.plugin_host import host
         from qi_plugins.diffsynth_compat.staging import stage_folder
 
@@ -79,17 +79,18 @@ class PartProbe:
         except ModelLoadError:
             return None  # e.g. a text encoder without its config.json: the real load reports it
         factory = host().registry.get(comp.kind, comp.part).load()
-        policy = _ProbePolicy(w.shapes)
+        if not takes_load(factory):
+            return None  # it would read the weights for real
+        load = _ProbeLoad(w.shapes)
         try:
-            with loading_policy(policy, device="cpu", dtype=torch.float32):
-                factory(root=self._tmp, folder=folder, device="cpu", dtype=torch.float32)
+            factory(root=self._tmp, folder=folder, device="cpu", dtype=torch.float32, load=load)
         except _Compared:
             pass
         except QiError:
-            return False if policy.fits is None else policy.fits  # the part refused the folder itself
+            return False if load.fits is None else load.fits  # the part refused the folder itself
         except Exception:
-            return policy.fits  # a factory bug says nothing about the weights; the real load will show it
-        return policy.fits
+            return load.fits  # a factory bug says nothing about the weights; the real load will show it
+        return load.fits
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from qi_core.loading import load_module, read_json, weight_files
+from qi_core.loading import Load, load_module, read_json, weight_files
 from qi_plugins.lora.preset import PresetLoRA
 from qi_plugins.qwen_image.dit import DiTConfig, QwenImageDiT
 
@@ -21,7 +21,8 @@ class DistillLoRA(PresetLoRA):
     default_steps = 15
 
 
-def dit_weights(root: Path, folder: Path | list[Path], device: Any, dtype: torch.dtype) -> QwenImageDiT:
+def dit_weights(root: Path, folder: Path | list[Path], device: Any, dtype: torch.dtype,
+                load: Load | None = None) -> QwenImageDiT:  # fmt: skip
     """A Qwen-Image DiT from a folder (or files) of weights; ``config.json`` is optional.
 
     Weight-only repositories such as Distill-Full ship the official key set, sometimes without the official
@@ -33,5 +34,5 @@ def dit_weights(root: Path, folder: Path | list[Path], device: Any, dtype: torch
     ) / ("config.json")
     config = DiTConfig.from_dict(read_json(cfg_path)) if cfg_path.is_file() else DiTConfig()
     return load_module(
-        lambda: QwenImageDiT(config), files, device=device, dtype=dtype, what=f"DiT ({folder})"
+        lambda: QwenImageDiT(config), files, device=device, dtype=dtype, what=f"DiT ({folder})", load=load
     )

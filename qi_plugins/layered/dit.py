@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qi_core.loading import load_module, read_json, weight_files
+from qi_core.loading import Load, load_module, read_json, weight_files
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
 from qi_plugins.qwen_image.dit import DiTConfig, QwenImageDiT
 
@@ -69,21 +69,21 @@ class LayeredDiT(QwenImageDiT):
         return super().rope_tables(dataclasses.replace(inp, text=text), grids, segs)
 
 
-def load_layered_dit(
-    source: str | Path | list[Path], device: Any = "cpu", dtype: torch.dtype | None = torch.float32
-) -> LayeredDiT:
+def load_layered_dit(source: str | Path | list[Path], device: Any = "cpu", dtype: torch.dtype | None = torch.float32,
+                     load: Load | None = None) -> LayeredDiT:  # fmt: skip
     """Load a layered DiT from an official ``transformer/`` folder or its safetensors file(s), strictly.
 
     ``config.json`` next to the weights gives the sizes; without one, the real Qwen-Image-Layered sizes.
+    ``load``: the loader a factory was handed (a memory policy's; see :func:`qi_core.loading.load_module`).
     """
     files = weight_files(source if isinstance(source, list) else Path(source))
     first = Path(source[0] if isinstance(source, list) else source)
     cfg_file = (first if first.is_dir() else first.parent) / "config.json"
     config = DiTConfig.from_dict(read_json(cfg_file)) if cfg_file.exists() else LAYERED_CONFIG
     return load_module(lambda: LayeredDiT(config), files, device=device, dtype=dtype,
-                       what=f"layered DiT ({first})")  # fmt: skip
+                       what=f"layered DiT ({first})", load=load)  # fmt: skip
 
 
-def dit(root: Path, folder: Any, device: Any, dtype: torch.dtype) -> LayeredDiT:
+def dit(root: Path, folder: Any, device: Any, dtype: torch.dtype, load: Load | None = None) -> LayeredDiT:
     """Denoiser factory registered as ``qwen-image-layered-dit``."""
-    return load_layered_dit(folder, device=device, dtype=dtype)
+    return load_layered_dit(folder, device=device, dtype=dtype, load=load)

@@ -4,53 +4,37 @@
 * ``offload``  — the whole component lives on the offload device (CPU, pinned) and moves in for each use.
 * ``stream``   — the repeated layers (the largest ``nn.ModuleList``) stay on the offload device, optionally in a
                  storage dtype (fp8/bf16); a prefix of them stays resident while under ``vram_limit``; the rest
-                 are moved in per forward, the next one prefetched on a side CUDA stream.
+                 are moved in as they run, the next one read ahead (:mod:`~qi_plugins.memory.streaming`).
 * ``disk``     — like ``stream`` but the layers are read lazily from the safetensors files (memory-mapped,
                  opened per layer, never the whole file in RAM), the next layer read ahead in a thread.
 * ``fp8``      — ``stream`` with float8_e4m3fn storage and computation in the pipeline dtype.
 
-A streamed model also lets the pipeline precompute the timestep-only adaLN modulation once per call, so the
-modulation weights (a third of the DiT) are never moved during denoising.
+The contract (see ``docs/hooks.md``): ``load(build, files, *, device, dtype, what)`` (``disk``, ``fp8``)
+reads a module and returns what ``attach`` needs (:mod:`~qi_plugins.memory.storage`); ``attach(loaded, *,
+device, dtype)`` gets it back in ``loaded.reads`` with the component and places it; ``use(model)`` brackets
+each use; ``prepare(model, inputs, *, timesteps)``, called at the denoiser's first step inside a use,
+precomputes its timestep-only state for the whole call (:mod:`~qi_plugins.memory.modulation`).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from qi_core.devices import parse_dtype
 from qi_core.errors import InvalidInputError
-from qi_core.loading import StoredTensor
+from qi_core.loading import Loaded
 from qi_core.protocols import component_module
+from qi_plugins.memory import modulation
+from qi_plugins.memory.storage import LazyRead, QuantisedRead, arena, quantise_rows, read_lazily
+from qi_plugins.memory.streaming import Streamer, find_layers, nbytes, swap
 
 GiB = 1024**3
-
-
-def as_module(model: Any) -> nn.Module | None:
-    """The nn.Module behind a component (wrappers such as the text encoder keep theirs in ``.model``)."""
-    return component_module(model)
-
-
-def find_layers(module: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The largest ModuleList by parameter count (DiT blocks, decoder layers) and its qualified name."""
-    best, best_n = None, 0
-    for name, m in module.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 1:
-            n = sum(p.numel() for p in m.parameters())
-            if n > best_n:
-                best, best_n = (name, m), n
-    return best
-
-
-def nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def parse_size(v: Any) -> int | None:
@@ -68,40 +52,59 @@ def parse_size(v: Any) -> int | None:
     raise InvalidInputError(f"vram_limit must be bytes, GiB or a string like '8GiB', got {v!r}")
 
 
-def _dtype(v: Any) -> torch.dtype | None:
-    if v is None or isinstance(v, torch.dtype):
-        return v
-    try:
-        return {"float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[str(v)]  # fmt: skip
-    except KeyError:
-        raise InvalidInputError(
-            f"unknown dtype {v!r}; use float32, bfloat16, float16 or float8_e4m3fn"
-        ) from None
-
-
 class Resident:
     """``none``: all weights on the compute device; a use costs nothing."""
 
     name = "none"
-    # the modulation of every step once for both CFG sides, whatever the placement
-    wants_step_cache = True
+    #: compute the denoiser's timestep-only state of every step once per use (``prepare``); False: inline
+    precompute = True
 
     def __init__(self, role: str | None = None, **settings: Any):
         self.role, self.settings = role, settings
+        self._uses: list[ExitStack] = []  # one per open ``use``, innermost last: what ``prepare`` set up
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
-        m = as_module(model)
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
+        m = component_module(loaded.component)
         if m is not None:
             m.to(device=device)
-        return model
+        return loaded.component
 
     @contextmanager
     def use(self, model: Any) -> Iterator[Any]:
+        with self._placed(model) as placed, ExitStack() as this_use:
+            self._uses.append(this_use)
+            try:
+                yield placed
+            finally:
+                self._uses.pop()
+
+    @contextmanager
+    def _placed(self, model: Any) -> Iterator[Any]:
+        """The model ready on the compute device for one use (policies that move weights override it)."""
         yield model
 
-    def skip_parameters(self, names: set[str]) -> None:
-        """Resident weights never move, so there is nothing to skip."""
+    def prepare(self, model: Any, inputs: list[Any], *, timesteps: torch.Tensor) -> None:
+        """At the denoiser's first step in a use: its timestep-only state for every step of the call, kept
+        until the use ends (inline when ``precompute`` is off or the model does not offer it)."""
+        if self.precompute and self._uses and modulation.supported(model):
+            self._uses[-1].enter_context(self._precomputed(model, inputs, timesteps))
+
+    @contextmanager
+    def _precomputed(self, model: Any, inputs: list[Any], timesteps: torch.Tensor) -> Iterator[None]:
+        names = tuple(model.modulation_modules())
+        streamer = self._streamer_of(model.modulation_layers())
+        if streamer is None:  # the layers are where they compute
+            table = modulation.precompute(model, inputs, timesteps, lambda i: nullcontext())
+            skipping = nullcontext()
+        else:  # each layer's modulation weights brought in once, then left out while denoising
+            table = modulation.precompute(model, inputs, timesteps, lambda i: streamer.holding(i, names))
+            skipping = streamer.skipping(names)
+        with model.precomputed_modulation(table), skipping:
+            yield
+
+    def _streamer_of(self, layers: Any) -> Streamer | None:
+        """The streamer that moves ``layers``, if this policy streams them."""
+        return None
 
 
 class ComponentOffload(Resident):
@@ -116,19 +119,19 @@ class ComponentOffload(Resident):
         self.offload_device = torch.device(offload_device)
         self.pin = pin_memory
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
         self.device = torch.device(device)
-        m = as_module(model)
+        m = component_module(loaded.component)
         if m is not None:
             m.to(self.offload_device)
             if self.pin and self.device.type == "cuda" and self.offload_device.type == "cpu":
                 for t in (*m.parameters(), *m.buffers()):
                     t.data = t.data.pin_memory()
-        return model
+        return loaded.component
 
     @contextmanager
-    def use(self, model: Any) -> Iterator[Any]:
-        m = as_module(model)
+    def _placed(self, model: Any) -> Iterator[Any]:
+        m = component_module(model)
         if m is None or self.device == self.offload_device:
             yield model
             return
@@ -142,117 +145,8 @@ class ComponentOffload(Resident):
                 t.data = data  # the pinned host copy is still the source of truth
 
 
-class _Streamer:
-    """Moves one ModuleList's layers to the compute device around each layer's forward."""
-
-    def __init__(self, layers: nn.ModuleList, device: torch.device, dtype: torch.dtype, resident: int,
-                 fetch: Callable[[int], dict[str, torch.Tensor]], prefetch: bool):  # fmt: skip
-        self.layers, self.device, self.dtype = layers, device, dtype
-        self.resident = resident  # layers [0, resident) stay on the device
-        self.fetch = fetch  # i -> {param name: tensor on its storage device/dtype}
-        self.skip: set[str] = set()  # parameter names not needed in forward (precomputed modulation)
-        self.scales: dict[tuple[int, str], torch.Tensor] = {}  # per-row scales of fp8-stored weights
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda and prefetch else None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="qi-prefetch") if prefetch else None
-        self.pending: dict[int, tuple[Future | None, Any]] = {}
-        self.lock = threading.Lock()
-        self.handles = []
-        for i, layer in enumerate(layers):
-            if i >= resident:
-                self.handles.append(layer.register_forward_pre_hook(self._pre(i)))
-                self.handles.append(layer.register_forward_hook(self._post(i)))
-
-    def _load(self, i: int) -> dict[str, torch.Tensor]:
-        """Layer i's tensors on the compute device in the compute dtype (on the side stream when prefetching)."""
-        src = self.fetch(i)
-        ctx = torch.cuda.stream(self.stream) if self.stream is not None else _null()
-        with ctx:
-            out = {}
-            for k, t in src.items():
-                if k in self.skip:
-                    continue
-                dt = self.dtype if t.is_floating_point() else t.dtype
-                x = t.to(self.device, non_blocking=True).to(dt)
-                scale = self.scales.get((i, k))
-                if scale is not None:
-                    s = scale.to(self.device, dt, non_blocking=True)
-                    x = x.mul_(s) if x is not t else x * s  # in place, never on the stored tensor itself
-                out[k] = x
-            event = torch.cuda.Event() if self.stream is not None else None
-            if event is not None:
-                event.record(self.stream)
-        return out if event is None else (out, event)
-
-    def _start(self, i: int) -> None:
-        if i >= len(self.layers) or i < self.resident or i in self.pending:
-            return
-        if self.pool is not None:
-            self.pending[i] = (self.pool.submit(self._load, i), None)
-
-    def _take(self, i: int) -> dict[str, torch.Tensor]:
-        fut = self.pending.pop(i, (None, None))[0]
-        got = fut.result() if fut is not None else self._load(i)
-        if isinstance(got, tuple):
-            got, event = got
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for t in got.values():
-                t.record_stream(current)  # allocated on the side stream, used and freed on this one
-        return got
-
-    def drain(self) -> None:
-        """Forget read-ahead layers (the weights may change before the next use)."""
-        for fut, _ in self.pending.values():
-            if fut is not None:
-                fut.result()
-        self.pending.clear()
-
-    def _pre(self, i: int):
-        def hook(module: nn.Module, args: Any) -> None:
-            self._start(i)
-            module._qi_kept = {k: _swap(module, k, t) for k, t in self._take(i).items()}
-            nxt = i + 1 if i + 1 < len(self.layers) else self.resident
-            self._start(nxt)  # read ahead while this layer computes (wraps to the first streamed layer)
-
-        return hook
-
-    def _post(self, i: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            for k, old in module._qi_kept.items():
-                _swap(module, k, old)
-            module._qi_kept = {}
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-
-
-def _swap(module: nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
-    """Put ``value`` in place of the parameter or buffer ``name``; return what was there. Swapping the
-    objects (not ``.data``) works across devices, meta included."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, False)
-    else:
-        old = owner._buffers[attr]
-        owner._buffers[attr] = value
-    return old
-
-
-@contextmanager
-def _null():
-    yield
-
-
 class LayerStream(Resident):
-    """``stream``: repeated layers live on the offload device and are moved in per forward."""
+    """``stream``: repeated layers live on the offload device and are moved in as they run."""
 
     name = "stream"
 
@@ -261,36 +155,38 @@ class LayerStream(Resident):
         super().__init__(role, **settings)
         self.vram_limit = parse_size(vram_limit)
         self.offload_device = torch.device(offload_device)
-        self.storage_dtype = _dtype(offload_dtype)
+        self.storage_dtype = parse_dtype(offload_dtype)
         self.prefetch, self.pin = prefetch, pin_memory
-        self.streamer: _Streamer | None = None
+        self.streamers: list[Streamer] = []  # one per streamed module
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
         self.device, self.dtype = torch.device(device), dtype
-        m = as_module(model)
+        m = component_module(loaded.component)
         found = find_layers(m) if m is not None else None
         if found is None:  # nothing repeated to stream: keep the whole component resident
-            return super().attach(model, device=device, dtype=dtype)
-        name, layers = found
+            return super().attach(loaded, device=device, dtype=dtype)
+        layers = found[1]
         resident = self._resident_count(m, layers)
         scales: dict[tuple[int, str], torch.Tensor] = {}
         for i in range(resident, len(layers)):
             scales.update({(i, k): v for k, v in self._store(layers[i]).items()})
-        return self._stream(model, layers, resident, scales)
+        self._stream(m, layers, resident, scales)
+        return loaded.component
 
-    def _stream(self, model: Any, layers: nn.ModuleList, resident: int, scales: dict) -> Any:
+    def _stream(self, m: nn.Module, layers: nn.ModuleList, resident: int, scales: dict) -> None:
         """Everything but the streamed layers to the compute device (resident layers in the compute dtype),
-        and the hooks that bring each streamed layer in around its forward."""
-        self._place_rest(as_module(model), layers)
+        and the streamer that brings each streamed layer in as it runs."""
+        self._place_rest(m, layers)
         for layer in layers[:resident]:
             layer.to(self.device)
 
-        def fetch(i: int) -> dict[str, torch.Tensor]:
-            return {k: v.data for k, v in (*layers[i].named_parameters(), *layers[i].named_buffers())}
+        def stored(i: int, want: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+            named = (*layers[i].named_parameters(), *layers[i].named_buffers())
+            return {k: v.data for k, v in named if want(k)}
 
-        self.streamer = _Streamer(layers, self.device, self.dtype, resident, fetch, self.prefetch)
-        self.streamer.scales = scales
-        return model
+        self.streamers.append(
+            Streamer(m, layers, self.device, self.dtype, resident, stored, self.prefetch, scales)
+        )
 
     def _place_rest(self, m: nn.Module, layers: nn.ModuleList) -> None:
         inside = {id(t) for t in (*layers.parameters(), *layers.buffers())}
@@ -346,52 +242,20 @@ class LayerStream(Resident):
         return t.pin_memory() if self._pinned else t
 
     @contextmanager
-    def use(self, model: Any) -> Iterator[Any]:
+    def _placed(self, model: Any) -> Iterator[Any]:
         try:
             yield model
-        finally:
-            if self.streamer is not None:
-                self.streamer.drain()
+        finally:  # nothing stays on the device, nothing read ahead outlives the use
+            for s in self.streamers:
+                s.release()
+                s.drain()
 
-    def skip_parameters(self, names: set[str]) -> None:
-        """Per-layer parameter names the forward no longer needs (precomputed modulation)."""
-        if self.streamer is not None:
-            self.streamer.skip = set(names)
-
-
-def _arena(specs: dict[Any, tuple[tuple[int, ...], torch.dtype]], device: torch.device, pin: bool) -> dict:
-    """Views of one allocation per dtype, one view per spec (shape, dtype)."""
-    totals: dict[torch.dtype, int] = {}
-    for shape, dtype in specs.values():
-        totals[dtype] = totals.get(dtype, 0) + math.prod(shape)
-    buffers = {d: torch.empty(n, dtype=d, device=device, pin_memory=pin) for d, n in totals.items()}
-    at = dict.fromkeys(totals, 0)
-    views = {}
-    for key, (shape, dtype) in specs.items():
-        n = math.prod(shape)
-        views[key] = buffers[dtype][at[dtype] : at[dtype] + n].view(shape)
-        at[dtype] += n
-    return views
-
-
-def quantise_rows(data: torch.Tensor, out: torch.Tensor, rows: int = 256, scale: torch.Tensor | None = None
-                  ) -> torch.Tensor:  # fmt: skip
-    """Write ``data`` / scale into the 8-bit tensor ``out`` and return the per-row scale (amax / format max,
-    written into ``scale`` when given), a few rows at a time so the float32 temporaries stay small."""
-    if scale is None:
-        scale = torch.empty((data.shape[0],) + (1,) * (data.ndim - 1), dtype=torch.float32, device=out.device)
-    top = torch.finfo(out.dtype).max
-    for r in range(0, data.shape[0], rows):
-        chunk = data[r : r + rows].to(out.device).float()
-        amax = chunk.abs().amax(dim=tuple(range(1, data.ndim)), keepdim=True)
-        s = (amax / top).clamp_min(1e-12)
-        scale[r : r + rows] = s
-        out[r : r + rows] = (chunk / s).to(out.dtype)
-    return scale
+    def _streamer_of(self, layers: Any) -> Streamer | None:
+        return next((s for s in self.streamers if s.layers is layers), None)
 
 
 class FP8Storage(LayerStream):
-    """``fp8``: layers stored as float8_e4m3fn, cast to the compute dtype per forward. Loaded through the
+    """``fp8``: layers stored as float8_e4m3fn, cast to the compute dtype as they run. Loaded through the
     policy, the weights are quantised while they are read, one tensor at a time, into one 8-bit buffer
     allocated up front: the float model is never in memory."""
 
@@ -402,12 +266,11 @@ class FP8Storage(LayerStream):
         super().__init__(role, **settings)
 
     def load(self, build: Callable[[], nn.Module], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
-             what: str = "model") -> nn.Module | None:  # fmt: skip
-        m = read_lazily(build, files, dtype, what)
-        if m is None:
+             what: str = "model") -> QuantisedRead | None:  # fmt: skip
+        read = read_lazily(build, files, dtype, what)
+        if read is None:
             return None
-        lazy: LazyLayers = m.__dict__.pop("_qi_disk")
-        layers = lazy.layers
+        m, lazy, layers = read.module, read.lazy, read.lazy.layers
         self.device = torch.device(device)
         if dtype is not None:
             layers.to(dtype)  # still on meta: sizes for the resident budget
@@ -422,7 +285,7 @@ class FP8Storage(LayerStream):
                     specs[(i, n + "#scale")] = (p.shape[0],) + (1,) * (p.ndim - 1), torch.float32
                 else:
                     specs[(i, n)] = tuple(p.shape), self._full_width_dtype(p.dtype)
-        place = _arena(specs, self.offload_device, self._pinned)
+        place = arena(specs, self.offload_device, self._pinned)
         scales: dict[tuple[int, str], torch.Tensor] = {}
         for i in range(len(layers)):
             for name, t in lazy.tensors(i, mapped=False):
@@ -433,17 +296,16 @@ class FP8Storage(LayerStream):
                     t = place[(i, name)]
                 else:
                     t = place[(i, name)].copy_(t)
-                _swap(layers[i], name, t)
-        m._qi_fp8 = (resident, scales)
-        return m
+                swap(layers[i], name, t)
+        return QuantisedRead(m, layers, resident, scales)
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
-        m = as_module(model)
-        loaded = m.__dict__.pop("_qi_fp8", None) if m is not None else None
-        if loaded is None:  # loaded in full by the default loader: quantise now
-            return super().attach(model, device=device, dtype=dtype)
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
+        if not loaded.reads:  # read in full (a factory without ``load``): quantise now
+            return super().attach(loaded, device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
-        return self._stream(model, find_layers(m)[1], *loaded)
+        for r in loaded.reads:
+            self._stream(r.module, r.layers, r.resident, r.scales)
+        return loaded.component
 
 
 class Disk(LayerStream):
@@ -452,72 +314,19 @@ class Disk(LayerStream):
     name = "disk"
 
     def load(self, build: Callable[[], nn.Module], files: list[Path], *, device: Any = "cpu", dtype: Any = None,
-             what: str = "model") -> nn.Module | None:  # fmt: skip
+             what: str = "model") -> LazyRead | None:  # fmt: skip
         return read_lazily(build, files, dtype, what)
 
-    def attach(self, model: Any, *, device: Any, dtype: Any) -> Any:
-        m = as_module(model)
-        lazy = getattr(m, "_qi_disk", None) if m is not None else None
-        if lazy is None:
-            return super().attach(model, device=device, dtype=dtype)
+    def attach(self, loaded: Loaded, *, device: Any, dtype: Any) -> Any:
+        if not loaded.reads:  # read in full (a factory without ``load``): stream from host memory
+            return super().attach(loaded, device=device, dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
-        self._place_rest(m, lazy.layers)
-        self.streamer = _Streamer(lazy.layers, self.device, dtype, 0, lazy.fetch, self.prefetch)
-        return model
-
-
-def read_lazily(build: Callable[[], nn.Module], files: list[Path], dtype: Any, what: str) -> nn.Module | None:
-    """The module with everything but its repeated layers read from ``files``; ``module._qi_disk`` is the
-    :class:`LazyLayers` that reads them on demand. None: nothing repeated."""
-    from qi_core.loading import check_state_dict, safetensors_index
-
-    with torch.device("meta"):
-        module = build()
-    found = find_layers(module)
-    if found is None:
-        return None  # nothing to stream: the default loader reads it whole
-    prefix, layers = found
-    where: dict[str, StoredTensor] = {}
-    for f in files:
-        where.update(safetensors_index(Path(f)))
-    check_state_dict(module.state_dict(), where, what)
-    lazy = LazyLayers(layers, prefix + ".", where, dtype)
-    rest = [k for k in where if not k.startswith(lazy.prefix)]
-    module.load_state_dict(dict(lazy.read(rest)), strict=False, assign=True)
-    module._qi_disk = lazy
-    return module.eval().requires_grad_(False)
-
-
-class LazyLayers:
-    """Reads layer i's tensors (``<prefix>i.*``) from the safetensors files, in ``dtype``, when asked."""
-
-    def __init__(self, layers: nn.ModuleList, prefix: str, where: dict[str, StoredTensor], dtype: Any):
-        self.layers, self.prefix, self.where, self.dtype = layers, prefix, where, dtype
-
-    def read(self, keys: list[str], mapped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(key, tensor in ``dtype``), one at a time, in file order. ``mapped``: through a mapping of the file
-        that is dropped right after (the tensors are exactly what the default loader gives); otherwise plain
-        file reads into fresh memory (nothing of the file stays mapped while a model is being converted)."""
-        from safetensors import safe_open
-
-        from qi_core.loading import read_tensor
-
-        order = sorted(keys, key=lambda k: (str(self.where[k].file), self.where[k].start))
-        for f in dict.fromkeys(self.where[k].file for k in order):
-            opened = safe_open(str(f), "pt") if mapped else open(f, "rb")  # noqa: SIM115
-            with opened as fh:
-                for k in (k for k in order if self.where[k].file == f):
-                    t = fh.get_tensor(k) if mapped else read_tensor(fh, self.where[k])
-                    yield k, t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
-
-    def tensors(self, i: int, mapped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Layer i's (name within the layer, tensor), one at a time."""
-        head = f"{self.prefix}{i}."
-        for k, t in self.read([k for k in self.where if k.startswith(head)], mapped):
-            yield k[len(head) :], t
-
-    def fetch(self, i: int) -> dict[str, torch.Tensor]:
-        return dict(self.tensors(i))
+        for r in loaded.reads:
+            self._place_rest(r.module, r.lazy.layers)
+            self.streamers.append(
+                Streamer(r.module, r.lazy.layers, self.device, dtype, 0, r.lazy.fetch, self.prefetch)
+            )
+        return loaded.component
 
 
 def preset(name: str, **overrides: Any) -> Callable[..., Any]:

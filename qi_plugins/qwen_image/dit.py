@@ -9,6 +9,8 @@ D head dim · C latent channels · (h, w) latent size · (P, Q) = 2x2 patch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -159,15 +161,11 @@ class _Proj(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
 
 
-@dataclass
-class ModulationRequest:
-    """Ask a block (through its ``__call__``, so memory policies bring it in) for the modulation of tembs."""
-
-    tembs: list[torch.Tensor]
-
-
 class Block(nn.Module):
     """Dual-stream block: adaLN-modulated attention and MLP on the text and image streams."""
+
+    #: submodules only :meth:`modulation` reads (see ``QwenImageDiT.modulation_modules``)
+    MODULATION = ("img_mod", "txt_mod")
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
@@ -185,16 +183,7 @@ class Block(nn.Module):
         """adaLN parameters from the timestep embeddings (K, B, dim): image (K, B, 6·dim), text (B, 6·dim)."""
         return _mod_linear(self.img_mod, temb), _mod_linear(self.txt_mod, temb[0])
 
-    def forward(self, img, *args):
-        """One input's tensors, or a list of argument tuples (several independent inputs in one call, so
-        memory policies hooked on this block move its weights once)."""
-        if isinstance(img, list):
-            return [self.one(*a) for a in img]
-        if isinstance(img, ModulationRequest):
-            return [self.modulation(t) for t in img.tembs]
-        return self.one(img, *args)
-
-    def one(self, img, txt, temb, rope_img, rope_txt, mask, mod_index, mods=None):
+    def forward(self, img, txt, temb, rope_img, rope_txt, mask, mod_index, mods=None):
         # temb: (K, B, dim) — K timestep embeddings; image tokens pick theirs through mod_index (B, N)
         if mods is None:
             img_mod, txt_mod = self.img_mod(temb), self.txt_mod(temb[0])  # text always uses the step timestep
@@ -272,9 +261,8 @@ class QwenImageDiT(nn.Module):
         self.norm_out = OutNorm(dim)
         self.proj_out = nn.Linear(dim, c.patch_size * c.patch_size * c.out_channels)
         self.gradient_checkpointing = False
-        # {(timestep, extra timesteps): per-block modulation}; None = compute inline. Enabled per call by the
-        # pipeline when a memory policy streams the blocks: the modulation weights then never move.
-        self.step_cache: dict | None = None
+        # {modulation key: every block's modulation} while ``precomputed_modulation`` is open; None: inline
+        self._modulation: dict[tuple, list] | None = None
 
     def set_attention(self, backend) -> None:
         """Use ``backend(q, k, v, mask) -> out`` (a registered attention backend) in every block."""
@@ -348,19 +336,18 @@ class QwenImageDiT(nn.Module):
         return self.forward_many([inp])[0]
 
     def forward_many(self, inputs: list[DenoiseInput]) -> list[torch.Tensor]:
-        """Several independent inputs (the CFG sides) block by block: each block is called once for all of
-        them, so a streamed block moves once per step, and each input's maths is exactly its own forward."""
+        """Several independent inputs (the CFG sides) block by block: each block runs for all of them before
+        the next one, so a streamed block moves once per step, and each input's maths is exactly its own
+        forward."""
         states = [self._enter(inp) for inp in inputs]
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer_blocks):
-            args = [(s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
-                    for s in states]  # fmt: skip
-            if len(states) == 1 and self.gradient_checkpointing and torch.is_grad_enabled():
-                outs = [torch.utils.checkpoint.checkpoint(block, *args[0], use_reentrant=False)]
-            elif len(states) == 1:
-                outs = [block(*args[0])]
-            else:
-                outs = block(args)
-            for s, inp, (img, txt) in zip(states, inputs, outs, strict=True):
+            for s, inp in zip(states, inputs, strict=True):
+                args = (s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
+                if checkpoint:
+                    img, txt = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                else:
+                    img, txt = block(*args)
                 for hook in inp.block_hooks:
                     img = hook(i, img, txt)
                 s["img"], s["txt"] = img, txt
@@ -398,7 +385,7 @@ class QwenImageDiT(nn.Module):
         temb = self.timestep_embedding(inp, B, img.device)
         mod_index = torch.cat(mod_ids).to(img.device)
         mod_index = mod_index[None].expand(B, -1) if bool(mod_index.any()) else None
-        mods = self.cached_modulation(inp, temb) or [None] * len(self.transformer_blocks)
+        mods = self._precomputed(inp, temb) or [None] * len(self.transformer_blocks)
         return {
             "img": img, "txt": txt, "temb": temb, "mod_index": mod_index, "mods": mods,
             "rope": self.rope_tables(inp, grids, [None, *inp.images]),
@@ -418,36 +405,51 @@ class QwenImageDiT(nn.Module):
         temb = self.time_text_embed(torch.cat(ts), dtype).view(len(ts), batch, -1)
         return temb + self.extra_conditioning(inp, temb)
 
-    @staticmethod
-    def _cache_key(inp: DenoiseInput, batch: int) -> tuple:
-        return float(inp.timestep.reshape(-1)[0]), tuple(inp.extra_timesteps), batch
+    # -- timestep-only state --------------------------------------------------------------------------
+    # A block's adaLN modulation depends on the timestep embedding alone, so it can be computed for every step
+    # of a call before the first one, with the same kernels as inline. The memory plugin does that (for every
+    # policy; a streamed block then never moves its modulation weights while denoising) through these four.
+    def modulation_layers(self) -> nn.ModuleList:
+        """The layers with a timestep-only ``modulation(temb)`` (the blocks)."""
+        return self.transformer_blocks
 
-    def fill_step_cache(self, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> None:
-        """Precompute every block's adaLN modulation for all timesteps of the call (it depends on nothing
-        else): each block is visited once, then its modulation weights are not needed until the next call."""
-        self.step_cache = {}
-        keys, tembs = [], []
+    def modulation_modules(self) -> tuple[str, ...]:
+        """Submodules of a layer (names relative to it) that only its ``modulation`` reads."""
+        return Block.MODULATION
+
+    def timestep_embeddings(
+        self, inputs: list[DenoiseInput], timesteps: torch.Tensor
+    ) -> dict[tuple, torch.Tensor]:
+        """The timestep embedding (K, B, dim) of each input at each of ``timesteps``, keyed as the forward
+        looks precomputed modulation up (the CFG sides share theirs)."""
+        out: dict[tuple, torch.Tensor] = {}
         for inp in inputs:
             B, device = inp.latents.shape[0] // inp.target_frames, self.img_in.weight.device
             for t in timesteps.reshape(-1):
                 step = replace(inp, timestep=t.reshape(1).to(inp.timestep.dtype))
-                key = self._cache_key(step, B)
-                if key not in keys:  # the CFG sides share their timestep embeddings
-                    keys.append(key)
-                    tembs.append(self.timestep_embedding(step, B, device))
-        for blk in self.transformer_blocks:
-            for key, mod in zip(keys, blk(ModulationRequest(tembs)), strict=True):
-                self.step_cache.setdefault(key, []).append(mod)
+                key = self._modulation_key(step, B)
+                if key not in out:
+                    out[key] = self.timestep_embedding(step, B, device)
+        return out
 
-    def cached_modulation(self, inp: DenoiseInput, temb: torch.Tensor) -> list | None:
-        """Every block's precomputed modulation for this input's timestep, or None (computed inline)."""
-        if self.step_cache is None:
+    @contextmanager
+    def precomputed_modulation(self, table: dict[tuple, list]) -> Iterator[None]:
+        """While open, layer i takes its modulation for an input from ``table[key][i]`` (``key`` as in
+        :meth:`timestep_embeddings`); an input whose key is not there computes it inline."""
+        outer, self._modulation = self._modulation, table
+        try:
+            yield
+        finally:
+            self._modulation = outer
+
+    @staticmethod
+    def _modulation_key(inp: DenoiseInput, batch: int) -> tuple:
+        return float(inp.timestep.reshape(-1)[0]), tuple(inp.extra_timesteps), batch
+
+    def _precomputed(self, inp: DenoiseInput, temb: torch.Tensor) -> list | None:
+        if self._modulation is None:
             return None
-        return self.step_cache.get(self._cache_key(inp, temb.shape[1]))
-
-    def step_cache_parameters(self) -> set[str]:
-        """Names (relative to a block) of the weights only the modulation uses."""
-        return {"img_mod.1.weight", "img_mod.1.bias", "txt_mod.1.weight", "txt_mod.1.bias"}
+        return self._modulation.get(self._modulation_key(inp, temb.shape[1]))
 
     def extra_conditioning(self, inp: DenoiseInput, temb: torch.Tensor) -> torch.Tensor | float:
         """Added to the timestep embeddings; subclasses (layered) override."""

@@ -16,16 +16,16 @@ def text_encoder(root: Path, folder: Path, device: Any, dtype: torch.dtype):
     return load_text_encoder(root, folder, device=device, dtype=dtype)
 
 
-def dit(root: Path, folder: Path, device: Any, dtype: torch.dtype):
+def dit(root: Path, folder: Path, device: Any, dtype: torch.dtype, load: Any = None):
     from qi_plugins.qwen_image.loading import load_dit
 
-    return load_dit(folder, device=device, dtype=dtype)
+    return load_dit(folder, device=device, dtype=dtype, load=load)
 
 
-def vae(root: Path, folder: Path, device: Any, dtype: torch.dtype):
+def vae(root: Path, folder: Path, device: Any, dtype: torch.dtype, load: Any = None):
     from qi_plugins.qwen_image.vae import load_vae
 
-    return load_vae(folder, device=device, dtype=dtype)
+    return load_vae(folder, device=device, dtype=dtype, load=load)
 
 
 def scheduler() -> FlowMatchSchedule:

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from qi_core.errors import InvalidInputError, ModelLoadError
-from qi_core.loading import load_module, read_json, weight_files
+from qi_core.loading import Load, load_module, read_json, weight_files
 
 _REAL_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -457,11 +457,11 @@ class QwenImageVAE(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_vae(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> QwenImageVAE:
-    """Load a VAE from an official ``vae/`` folder (``config.json`` + safetensors), strictly, in eval mode."""
+def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             load: Load | None = None) -> QwenImageVAE:  # fmt: skip
+    """Load a VAE from an official ``vae/`` folder (``config.json`` + safetensors), strictly, in eval mode
+    (``load``: a factory's loader, see :func:`qi_core.loading.load_module`)."""
     folder = Path(folder)
     config = VAEConfig.from_dict(read_json(folder / "config.json"))
     return load_module(lambda: QwenImageVAE(config), weight_files(folder), device=device, dtype=dtype,
-                       what=f"VAE ({folder})")  # fmt: skip
+                       what=f"VAE ({folder})", load=load)  # fmt: skip

@@ -36,7 +36,7 @@ def baseline():
         qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, torch_dtype=torch.float64)
     )
     pipe.batch_cfg = False
-    pipe.memory["dit"].wants_step_cache = False
+    pipe.memory["dit"].precompute = False
     return {name: pipe(**call) for name, call in CALLS.items()}
 
 
@@ -69,15 +69,16 @@ def test_batched_cfg_equals_separate_passes(baseline):
     assert pipe.batch_cfg
     calls = []
     block = pipe.components["dit"].transformer_blocks[0]
-    hook = block.register_forward_pre_hook(
-        lambda m, a: calls.append(len(a[0]) if isinstance(a[0], list) else type(a[0]).__name__)
-    )
+    modulation = block.modulation
+    block.modulation = lambda temb: calls.append("modulation") or modulation(temb)
+    hook = block.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
     try:
         out = pipe(**NON_SQUARE)
     finally:
         hook.remove()
-    # the modulation of all steps once per call, then each block once per step for both CFG sides
-    assert calls == ["ModulationRequest", 2, 2, 2]
+        del block.modulation
+    # the modulation of the 3 steps before the first (once for both CFG sides), then the block for each side
+    assert calls == ["modulation"] * 3 + [1, 1] * 3
     check(out, baseline, "non_square", "batched")
     # golden values still hold on the batched path
     assert abs(torch.from_numpy(pipe(**T2I)) - WANT["image_float"][0].permute(1, 2, 0)).max() <= 1e-4
@@ -94,7 +95,7 @@ def test_fp8_storage_keeps_layers_in_8_bits_with_row_scales():
     assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn  # stored in fp8 …
     # … dequantised per row to within float8_e4m3's half-ulp (2^-4 relative to the row maximum)
     w = ref.components["dit"].transformer_blocks[0].attn.to_q.weight
-    deq = block.attn.to_q.weight.float() * policy.streamer.scales[(0, "attn.to_q.weight")]
+    deq = block.attn.to_q.weight.float() * policy.streamers[0].scales[(0, "attn.to_q.weight")]
     assert ((deq - w).abs() / w.abs().amax(dim=1, keepdim=True)).max() <= 2**-4
     out = pipe(**NON_SQUARE)  # computed in float32
     assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn
@@ -127,23 +128,81 @@ def test_bad_memory_settings():
 def test_fp8_quantised_while_loading_equals_quantised_after(tiny_model):
     """Loaded through the policy, the weights are quantised tensor by tensor into one 8-bit buffer; the result
     is exactly that of quantising the fully loaded model."""
-    from qi_core.loading import loading_policy
+    from qi_core.loading import Loaded, PolicyLoader
     from qi_plugins.memory.policies import FP8Storage
+    from qi_plugins.memory.storage import QuantisedRead
     from qi_plugins.qwen_image.loading import load_dit
 
     folder = tiny_model / "transformer"
     after = FP8Storage("dit")
-    full = after.attach(load_dit(folder), device="cpu", dtype=torch.float32)
+    full = after.attach(Loaded(load_dit(folder)), device="cpu", dtype=torch.float32)
     during = FP8Storage("dit")
-    with loading_policy(during, device="cpu", dtype=torch.float32):
-        loaded = load_dit(folder)
-    loaded = during.attach(loaded, device="cpu", dtype=torch.float32)
+    load = PolicyLoader(during, device="cpu")
+    loaded = load_dit(folder, load=load)
+    [read] = load.reads  # what the policy read, handed back explicitly
+    assert isinstance(read, QuantisedRead) and read.module is loaded
+    loaded = during.attach(Loaded(loaded, tuple(load.reads)), device="cpu", dtype=torch.float32)
     a, b = full.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].float(), b[k].float()), k
-    assert after.streamer.scales.keys() == during.streamer.scales.keys()
-    for k, s in after.streamer.scales.items():
-        assert torch.equal(s, during.streamer.scales[k]), k
+    scales_after, scales_during = after.streamers[0].scales, during.streamers[0].scales
+    assert scales_after.keys() == scales_during.keys()
+    for k, s in scales_after.items():
+        assert torch.equal(s, scales_during[k]), k
     eight = [p for p in loaded.transformer_blocks.parameters() if p.dtype == torch.float8_e4m3fn]
     assert len({p.untyped_storage().data_ptr() for p in eight}) == 1, "one buffer for all 8-bit weights"
+
+
+def test_streamed_layer_moves_once_per_step_and_its_modulation_once_per_call():
+    """Under ``stream`` (no resident layers) both CFG sides run a layer while it is in: each layer is brought
+    in once per step, plus its modulation weights alone once per call before the first step; nothing stays
+    in after the call, and the modulation weights are never moved while denoising."""
+    pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory="stream")
+    [streamer] = pipe.memory["dit"].streamers
+    moved = []
+    bring_in = streamer.bring_in
+    streamer.bring_in = lambda i, only=None: moved.append((i, only)) or bring_in(i, only)
+    try:
+        pipe(**NON_SQUARE)
+    finally:
+        del streamer.bring_in
+    n, steps = len(streamer.layers), NON_SQUARE["num_inference_steps"]
+    assert moved == [(i, ("img_mod", "txt_mod")) for i in range(n)] + [(i, None) for i in range(n)] * steps
+    assert not streamer.kept and not streamer.pending and streamer.skip == ()
+
+
+def test_policies_keep_nothing_on_the_modules():
+    """What a policy read or keeps lives in the policy: no ``_qi_*`` attribute on any module."""
+    for memory in ("disk", "fp8", "stream"):
+        pipe = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, memory=memory)
+        pipe(**NON_SQUARE)
+        stashed = [
+            (n, k) for n, m in pipe.components["dit"].named_modules() for k in vars(m) if k.startswith("_qi")
+        ]
+        assert not stashed, (memory, stashed[:3])
+
+
+def test_factory_without_load_still_works(tiny_model):
+    """A factory that takes no ``load`` is called without it and reads its weights in full; ``disk`` then
+    streams the layers from host memory. One that takes it lets the policy read them."""
+    from qi_core.loading import load_component, takes_load
+    from qi_plugins.memory.policies import Disk
+    from qi_plugins.memory.storage import LazyRead
+    from qi_plugins.qwen_image.loading import load_dit
+    from qi_plugins.qwen_image.parts import dit
+
+    def old(root, folder, device, dtype):
+        return load_dit(folder, device=device, dtype=dtype)
+
+    assert takes_load(dit) and not takes_load(old) and not takes_load(lambda **kw: None)
+    folder = tiny_model / "transformer"
+    for factory, lazy in ((old, False), (dit, True)):
+        policy = Disk("dit")
+        loaded = load_component(
+            factory, policy, root=tiny_model, folder=folder, device="cpu", dtype=torch.float32
+        )
+        assert [type(r) for r in loaded.reads] == ([LazyRead] if lazy else [])
+        model = policy.attach(loaded, device="cpu", dtype=torch.float32)
+        assert model is loaded.component and len(policy.streamers) == 1
+        assert all(p.is_meta for p in model.transformer_blocks.parameters()) == lazy
