@@ -3,7 +3,7 @@ before the first step, once for all CFG sides, with the same kernels as inline (
 
 Every policy does it (see ``Resident.prepare``); under a streaming policy the weights only that state needs —
 a third of the Qwen-Image DiT — are then brought in once per call, not once per step. A denoiser offers it
-with four members (:class:`~qi_plugins.qwen_image.dit.QwenImageDiT` has them):
+with four members (the base model plugin's DiT has them):
 
 * ``modulation_layers()`` — the layers, each with ``modulation(temb)`` (its state, from the embedding alone);
 * ``modulation_modules()`` — the submodules of a layer (names relative to it) that only ``modulation`` reads;
