@@ -43,15 +43,16 @@ class LayeredDiT(QwenImageDiT):
         super().__init__(config)
         self.time_text_embed.addition_t_embedding = nn.Embedding(2, config.inner_dim)
 
-    def forward(self, inp: DenoiseInput) -> torch.Tensor:
+    def _enter(self, inp: DenoiseInput) -> dict:
         # The layer input (frame -1) is the last image part, whichever injector appended its segment last:
         # the other parts then keep DiffSynth's frame numbering (context 1st, edit images next). Moving tokens
-        # within the joint sequence changes nothing else (attention does not depend on token order).
+        # within the joint sequence changes nothing else (attention does not depend on token order). Done per
+        # input as it enters, so the single and the batched (CFG) forward agree.
         last = [s for s in inp.images if s.frame == -1]
         if last:
             rest = [s for s in inp.images if s.frame != -1]
             inp = dataclasses.replace(inp, images=rest + last)
-        return super().forward(inp)
+        return super()._enter(inp)
 
     def extra_conditioning(self, inp: DenoiseInput, temb: torch.Tensor) -> torch.Tensor:
         index = int(inp.extras.get("layered", {}).get("addition_t_cond", 0))

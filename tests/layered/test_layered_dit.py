@@ -134,3 +134,26 @@ def test_a_base_checkpoint_is_refused_with_the_missing_key(tmp_path):
     (tmp_path / "config.json").write_text((FOLDER / "config.json").read_text())
     with pytest.raises(WeightMismatchError, match="addition_t_embedding"):
         load_layered_dit(tmp_path)
+
+
+def test_batched_sides_reorder_the_layer_input_too(models):
+    """The batched (CFG) forward puts the layer input last as the single forward does: each side's result is
+    its own forward's, bit for bit, whatever order the injectors appended the segments in."""
+    ours, _ = models[torch.float32]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 8, 8, generator=g)
+    cond, ctx = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    inputs = [
+        DenoiseInput(
+            latents=x,
+            timestep=torch.tensor([500.0]),
+            text=[TextSegment(torch.randn(1, n, 64, generator=g))],
+            images=[ImageSegment(cond, frame=-1), ImageSegment(ctx)],
+            target_frames=2,
+        )  # fmt: skip
+        for n in (5, 9)
+    ]
+    with torch.no_grad():
+        batched = ours.forward_many(inputs)
+        single = [ours(inp) for inp in inputs]
+    assert all(torch.equal(a, b) for a, b in zip(batched, single, strict=True))
