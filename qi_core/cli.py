@@ -64,29 +64,110 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Write a PNG with the generation settings as text chunks, atomically."""
-    from PIL.PngImagePlugin import PngInfo
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_text(f"qi:{k}", str(v))
-    info.add_text("parameters", json.dumps(meta, ensure_ascii=False))
+
+def save_image(image: Any, path: Path, meta: dict[str, Any], quality: int = 95) -> None:
+    """Write an image in the format its suffix names, with the generation settings, atomically: PNG text chunks
+    (``parameters`` = the JSON, and one ``qi:KEY`` chunk per setting); JPEG and WebP carry the JSON in the
+    EXIF ImageDescription."""
+    text = json.dumps(meta, ensure_ascii=False, default=str)
+    suffix = path.suffix.lower()
     try:
         with atomic_file(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=info)
+            if suffix == ".png":
+                from PIL.PngImagePlugin import PngInfo
+
+                info = PngInfo()
+                for k, v in meta.items():
+                    info.add_text(f"qi:{k}", str(v))
+                info.add_text("parameters", text)
+                image.save(tmp, format="PNG", pnginfo=info)
+            else:
+                from PIL import Image
+
+                exif = Image.Exif()
+                exif[0x010E] = text  # ImageDescription
+                fmt = "WEBP" if suffix == ".webp" else "JPEG"
+                image.convert("RGB").save(tmp, format=fmt, quality=quality, exif=exif.tobytes())
     except PermissionError as e:  # the up-front check passed, yet the folder refused (ACLs, a quota …)
         raise OutputPathError(f"cannot write {path}: {e.strerror}; choose a writable --out location") from e
 
 
+def save_png(image: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Write a PNG with the generation settings as text chunks, atomically."""
+    save_image(image, path, meta)
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reproduction_record(pipe: Any, settings: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What reproduces a run: every call parameter with a JSON form, the pipeline, model, adapters, memory
+    policy, dtype, device and qi version, and the SHA-256 of every input file."""
+    import qi_core as qi
+
+    meta = {k: v for k, v in settings.items() if k != "progress_bar_cmd" and _json_value(v)}
+    files = [v for k, v in settings.items() if isinstance(v, str) and k != "prompt" and Path(v).is_file()]
+    files += [
+        x
+        for v in settings.values()
+        if isinstance(v, list)
+        for x in v
+        if isinstance(x, str) and Path(x).is_file()
+    ]
+    meta.update(
+        pipeline=args.pipeline, model=str(args.model or pipe.model), adapters=list(args.adapter or ()),
+        memory=args.memory, dtype=str(pipe.dtype).removeprefix("torch."), device=str(pipe.device),
+        qi_version=qi.__version__, inputs_sha256={f: _sha256(f) for f in files},
+    )  # fmt: skip
+    return meta
+
+
+def _json_value(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _summary(start: float, generation: float, steps: int, device: str) -> str:
+    """The closing line: wall time, seconds per step of the generation call (prompt encoding, denoising and
+    decoding over the steps), peak memory (RSS; GPU memory where used)."""
+    import resource
+    import time
+
+    wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux → GiB
+    line = f"{wall:.1f} s in all, {generation / max(steps, 1):.2f} s/step, peak RSS {rss:.2f} GiB"
+    if device.startswith("cuda"):
+        import torch
+
+        line += f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return line
+
+
 def _generate(args: argparse.Namespace) -> int:
+    import time
+
     import qi_core as qi
     from qi_core.composer import check_call
     from qi_core.devices import check_device, check_seed, default_device, parse_dtype
     from qi_core.flags import as_flag_error, call_from_args
 
+    start = time.perf_counter()
     # Everything the user typed is checked before the model loads: a bad --out must not cost a generation.
-    target = check_output_file(args.out, (".png",), "--out")
+    target = check_output_file(args.out, IMAGE_SUFFIXES, "--out")
+    if not 1 <= args.quality <= 100:
+        raise InvalidInputError(f"--quality must be 1-100, got {args.quality}")
     device = check_device(args.device) if args.device is not None else default_device()
     check_seed(args.seed)
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
@@ -103,18 +184,19 @@ def _generate(args: argparse.Namespace) -> int:
 
         settings["seed"] = call["seed"] = random.randrange(2**31)
         print(f"seed {call['seed']}")
+    began = time.perf_counter()
     try:
         out = pipe(**call)
     except InvalidInputError as e:
         raise as_flag_error(e) from None
+    generation = time.perf_counter() - began
     images = out if isinstance(out, list) else [out]
-    meta = {k: settings[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps", "cfg_scale",
-                                     "height", "width")}  # fmt: skip
-    meta.update(pipeline=args.pipeline, model=str(args.model or pipe.model), qi_version=qi.__version__)
+    meta = reproduction_record(pipe, {**settings, **call}, args)
     for i, image in enumerate(images):
         path = target if len(images) == 1 else target.with_name(f"{target.stem}_{i}{target.suffix}")
-        save_png(image, path, meta)
+        save_image(image, path, meta, quality=args.quality)
         print(f"wrote {path}")
+    print(_summary(start, generation, int(settings["num_inference_steps"]), str(pipe.device)))
     return 0
 
 
@@ -148,7 +230,10 @@ def _pipeline_in(argv: list[str] | None) -> str | None:
 
 def build_parser(pipeline: str | None = DEFAULT_PIPELINE) -> argparse.ArgumentParser:
     """The ``qi`` parser; ``qi generate`` gets the flags of ``pipeline``'s declared parameters (none: None)."""
+    from qi_core import __version__
+
     parser = argparse.ArgumentParser(prog="qi", description="Run and train the Qwen-Image family.")
+    parser.add_argument("--version", action="version", version=f"qi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate an image",
@@ -161,7 +246,10 @@ def build_parser(pipeline: str | None = DEFAULT_PIPELINE) -> argparse.ArgumentPa
     g.add_argument("--memory", default="none", help="memory policy name")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    g.add_argument("--out", default="out.png", help="PNG file to write")
+    g.add_argument(
+        "--out", default="out.png", help="image to write: .png, .jpg or .webp (format from the suffix)"
+    )
+    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95)")
     g.set_defaults(func=_generate)
 
     p = sub.add_parser("plugins", help="list installed plugins")

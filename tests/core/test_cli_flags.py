@@ -47,7 +47,8 @@ class Recorder:
         rec = self
 
         class Pipe:
-            model = "fake"
+            model, device = "fake", "cpu"
+            dtype = "torch.float32"
 
             def parameters(self):
                 return {"negative_prompt": "", "seed": None, "num_inference_steps": 1, "cfg_scale": 1.0,
