@@ -26,7 +26,7 @@ def _plugins(args: argparse.Namespace) -> int:
         return 0
     for p in report:
         where = f"{p['distribution'] or '-'} {p['version'] or ''}".strip()
-        print(f"{p['name']:<24} {p['status']:<12} {where}")
+        print(f"{p['name']:<24} {p['status']:<18} {where}")
         if p["status"] == "ok":
             for kind, names in p["provides"].items():
                 print(f"    {kind}: {', '.join(names)}")
