@@ -113,8 +113,9 @@ def reproduction_record(pipe: Any, settings: dict[str, Any], args: argparse.Name
     """What reproduces a run: every call parameter with a JSON form, the pipeline, model, adapters, memory
     policy, dtype, device and qi version, and the SHA-256 of every input file."""
     import qi_core as qi
+    from qi_core.params import json_params
 
-    meta = {k: v for k, v in settings.items() if k != "progress_bar_cmd" and _json_value(v)}
+    meta = json_params(settings)
     files = [v for k, v in settings.items() if isinstance(v, str) and k != "prompt" and Path(v).is_file()]
     files += [
         x
@@ -129,14 +130,6 @@ def reproduction_record(pipe: Any, settings: dict[str, Any], args: argparse.Name
         qi_version=qi.__version__, inputs_sha256={f: _sha256(f) for f in files},
     )  # fmt: skip
     return meta
-
-
-def _json_value(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _summary(start: float, generation: float, steps: int, device: str) -> str:

@@ -204,24 +204,13 @@ def describe(recipe: Any) -> dict[str, Any]:
 
 def check_call(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """Validate call parameters for pipeline ``name`` before anything loads (the command line does this)."""
-    from qi_core.params import validate
+    from qi_core.params import check_required, validate
 
     recipe = host().registry.get("pipeline", name).load()
-    checked = validate(declarations(recipe), {**dict(recipe.defaults), **values})
-    missing = [k for k in recipe.required if checked.get(k) is None]
-    if missing:
-        raise required_error(name, missing[0], describe(recipe)["parameters"])
+    models = declarations(recipe)
+    checked = validate(models, {**dict(recipe.defaults), **values})
+    check_required(name, recipe.required, checked, models)
     return checked
-
-
-def required_error(pipeline: str, param: str, specs: list[dict[str, Any]]) -> InvalidInputError:
-    """``param`` is required by ``pipeline`` (its recipe's ``required``), with the parameter's description."""
-    what = next((s["description"] for s in specs if s["name"] == param), "")
-    e = InvalidInputError(
-        f"{param} is required by pipeline {pipeline!r}" + (f" — {param}: {what}" if what else "")
-    )
-    e.param = param
-    return e
 
 
 def get_scheduler(name: str) -> Any:

@@ -23,6 +23,7 @@ import torch
 from qi_core.atomic import save_safetensors
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_core.images import image_to_tensor
+from qi_core.params import is_json, json_params
 from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
 
 FORMAT = "qi-conditioning/1"  # the header of a cached sample (Conditioning.save)
@@ -94,7 +95,7 @@ class Conditioning:
         for k, v in self.extras.items():
             if isinstance(v, torch.Tensor):
                 tensors[f"extras.{k}"] = v
-            elif _is_json(v):
+            elif is_json(v):
                 plain[k] = v
             else:
                 raise InvalidInputError(
@@ -205,7 +206,7 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
         inp = pipe.denoise_inputs(state, x0, 0, t0)["positive"]
         for inj in pipe.injectors:
             inj.finish(pipe, state)
-    kept = {k: v for k, v in state.params.items() if k != "progress_bar_cmd" and _is_json(v)}
+    kept = json_params(state.params)
     return Conditioning(latents=x0, text=inp.text, images=inp.images, extra_timesteps=inp.extra_timesteps,
                         attention_mask=inp.attention_mask, block_hooks=inp.block_hooks, extras=inp.extras,
                         target_frames=len(frames), params=[kept], where=[where])  # fmt: skip
@@ -213,18 +214,9 @@ def encode_sample(pipe: Any, sample: dict[str, Any], *, extra_inputs: tuple[str,
 
 def encode_images(pipe: Any, frames: list[Any], dtype: torch.dtype) -> torch.Tensor:
     """Target frames (PIL) → normalised latents (F, C, h, w) with the pipeline's autoencoder."""
-    with pipe.using("vae") as vae:
-        vae = vae or pipe.components["vae"]
+    with pipe.using(pipe.roles["autoencoder"]) as vae:
         mode = "RGBA" if getattr(vae, "image_channels", 3) == 4 else "RGB"
         x = torch.cat([image_to_tensor(f.convert(mode), dtype) for f in frames]).to(pipe.device)
         x0 = vae.encode(x)
     pipe.trace("input_latents", x0)
     return x0
-
-
-def _is_json(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except TypeError:
-        return False

@@ -14,6 +14,7 @@ dicts), ``callable`` (Python only).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -121,6 +122,34 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)) and all(_jsonable(v) == v for v in value):
         return list(value)
     return getattr(value, "__name__", None)  # e.g. tqdm → "tqdm"
+
+
+def is_json(value: Any) -> bool:
+    """Whether ``value`` has a JSON form (a record in a file or a cache can hold it)."""
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def json_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The call parameters that have a JSON form (images do not); the progress bar is never recorded."""
+    return {k: v for k, v in params.items() if k != "progress_bar_cmd" and is_json(v)}
+
+
+def check_required(pipeline: str, required: Iterable[str], values: Mapping[str, Any],
+                   models: Iterable[type[CallParams]]) -> None:  # fmt: skip
+    """InvalidInputError (with ``.param``) for the first of a recipe's ``required`` parameters left None."""
+    missing = [k for k in required if values.get(k) is None]
+    if not missing:
+        return
+    name = missing[0]
+    declared = fields(models).get(name)
+    what = f" — {name}: {declared[1].description}" if declared and declared[1].description else ""
+    e = InvalidInputError(f"{name} is required by pipeline {pipeline!r}{what}")
+    e.param = name
+    raise e
 
 
 def fields(models: Iterable[type[CallParams]]) -> dict[str, tuple[type[CallParams], Any]]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from qi_core.errors import InvalidInputError, MissingComponentError
 from qi_core.images import tensor_to_image
-from qi_core.params import CallParams, Opaque, param, specs, validate
+from qi_core.params import CallParams, Opaque, check_required, param, specs, validate
 from qi_core.protocols import DenoiseInput, Injector, TextSegment
 
 
@@ -189,8 +189,7 @@ class Pipeline:
 
     @batch_cfg.setter
     def batch_cfg(self, on: bool) -> None:
-        self.step_runner = self.part("step_runner", self.step_runner)
-        self.step_runner.batch = bool(on)
+        self._runner().batch = bool(on)
 
     def _runner(self) -> Any:
         self.step_runner = self.part("step_runner", self.step_runner)
@@ -212,11 +211,7 @@ class Pipeline:
         if prompt is not None:
             kwargs["prompt"] = prompt
         state = self.new_state(kwargs)
-        missing = [k for k in self.required if state.params.get(k) is None]
-        if missing:
-            from qi_core.composer import required_error
-
-            raise required_error(self.name, missing[0], self.parameter_specs())
+        check_required(self.name, self.required, state.params, self.declarations())
         with torch.inference_mode():
             return self._run(state)
 
