@@ -116,7 +116,7 @@ def main() -> None:
 
 def gemm_peak() -> float:
     """FLOP/s of the fastest float32 GEMM this torch has here (a large square product, best of 5)."""
-    from qi_core import kernels
+    from qi_plugins.qwen_image import kernels
 
     n = 2048
     layer, a = torch.nn.Linear(n, n, bias=False).requires_grad_(False), torch.randn(n, n)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from qi_core import kernels
 from qi_core.errors import InvalidInputError
 from qi_core.protocols import DenoiseInput, ImageSegment
+from qi_plugins.qwen_image import kernels
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""qi_core.kernels: the oneDNN linear path equals F.linear (to float32 rounding) and steps aside where it
+"""qi_plugins.qwen_image.kernels: the oneDNN linear path equals F.linear (to float32 rounding) and steps aside where it
 must.
 
 "To float32 rounding" is checked against float64 (``tests/tolerance.py``): the fast and the plain float32
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tolerance import TINY_DIT_TERMS, check_float32
 from torch import nn
 
-from qi_core import kernels
+from qi_plugins.qwen_image import kernels
 
 needs_onednn = pytest.mark.skipif(
     not kernels.enabled(), reason="oneDNN linear not available in this torch build"
