@@ -31,6 +31,16 @@ def single_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def fresh_host():
+    """A plugin host built anew for the test (and again after it): registrations made in the test vanish."""
+    from qi_core import plugin_host
+
+    plugin_host.reset()
+    yield
+    plugin_host.reset()
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

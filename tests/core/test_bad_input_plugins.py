@@ -91,13 +91,6 @@ def clash_plugins(tmp_path, monkeypatch):
     plugin_host.reset()
 
 
-@pytest.fixture
-def fresh_host():
-    plugin_host.reset()
-    yield
-    plugin_host.reset()
-
-
 def reports(name: str) -> list[dict]:
     return [p for p in qi.plugins() if p["name"] == name]
 

@@ -26,13 +26,6 @@ def with_fixture_plugins(monkeypatch):
     plugins_mod.reset()
 
 
-@pytest.fixture
-def fresh_host():
-    plugins_mod.reset()
-    yield
-    plugins_mod.reset()
-
-
 def by_name():
     return {p["name"]: p for p in qi.plugins()}
 

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import GOLDEN_MODEL
 
 from qi_core import plugin_host
@@ -20,13 +19,6 @@ def example() -> str:
     (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     assert 'MODEL = "tiny"' in code
     return code.replace('MODEL = "tiny"', f"MODEL = {str(GOLDEN_MODEL)!r}")
-
-
-@pytest.fixture
-def fresh_host():
-    plugin_host.reset()
-    yield
-    plugin_host.reset()
 
 
 def test_custom_adapter_example_runs(fresh_host, capsys):

@@ -28,6 +28,12 @@ def files_under(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
+def train_argv(ds, out) -> list[str]:
+    """``qi train`` of a LoRA on the dataset folder ``ds`` (metadata.csv inside), writing to ``out``."""
+    return ["train", "--dataset_base_path", str(ds), "--dataset_metadata_path", str(ds / "metadata.csv"),
+            "--model", MODEL, "--lora_base_model", "dit", "--output_path", str(out)]  # fmt: skip
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     code = main(argv)
     return code, capsys.readouterr().err
@@ -97,8 +103,7 @@ def test_wrong_column_stops_qi_train_before_anything_is_written(tmp_path, capsys
     ds = make_dataset(tmp_path / "ds", [(32, 32)])
     write_metadata(ds, [{"image": "images/0.png", "text": "a picture"}])
     out = tmp_path / "out"
-    argv = ["train", "--dataset_base_path", str(ds), "--dataset_metadata_path", str(ds / "metadata.csv"),
-            "--model", MODEL, "--lora_base_model", "dit", "--output_path", str(out)]  # fmt: skip
+    argv = train_argv(ds, out)
     code, err = run_cli(argv, capsys)
     assert (
         code == 2
@@ -144,8 +149,7 @@ def test_a_bad_row_leaves_no_run_files(tmp_path, capsys):
     ds = make_dataset(tmp_path / "ds", [(32, 32)])
     write_metadata(ds, [{"image": "images/missing.png", "prompt": "gone"}])
     out = tmp_path / "out"
-    argv = ["train", "--dataset_base_path", str(ds), "--dataset_metadata_path", str(ds / "metadata.csv"),
-            "--model", MODEL, "--lora_base_model", "dit", "--output_path", str(out)]  # fmt: skip
+    argv = train_argv(ds, out)
     code, err = run_cli(argv, capsys)
     assert code == 2 and "does not exist" in err and not out.exists()
 
