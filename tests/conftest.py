@@ -32,6 +32,17 @@ def single_thread():
 
 
 @pytest.fixture
+def with_fixture_plugins(monkeypatch):
+    """A fresh plugin host that also finds the fixture plugins of ``tests/fixtures/plugins`` (entry points)."""
+    from qi_core import plugin_host
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fixtures" / "plugins"))
+    plugin_host.reset()
+    yield
+    plugin_host.reset()
+
+
+@pytest.fixture
 def fresh_host():
     """A plugin host built anew for the test (and again after it): registrations made in the test vanish."""
     from qi_core import plugin_host

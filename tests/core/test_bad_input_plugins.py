@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,6 @@ from qi_core import plugin_host
 from qi_core.cli import build_parser, main
 from qi_core.errors import UnknownNameError
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "plugins"
 DIST = "qi-clash-fixture"
 
 # a third-party distribution whose plugins each clash with something (written to a temporary folder)
@@ -183,15 +181,7 @@ def test_new_plugin_refuses_a_builtin_name(tmp_path, capsys, fresh_host, name, o
     assert len(err.strip().splitlines()) == 1 and not dest.exists()
 
 
-@pytest.fixture
-def fixture_plugins(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    plugin_host.reset()
-    yield
-    plugin_host.reset()
-
-
-def test_new_plugin_refuses_an_installed_plugins_name(tmp_path, capsys, fixture_plugins):
+def test_new_plugin_refuses_an_installed_plugins_name(tmp_path, capsys, with_fixture_plugins):
     assert main(["new-plugin", "fixture-good", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "plugin 'fixture_good' (qi-fixture-plugins 0.3, module qi_fixture_good)" in err

@@ -18,14 +18,6 @@ from qi_core.recipe import Recipe
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "plugins"
 
 
-@pytest.fixture
-def with_fixture_plugins(monkeypatch):
-    monkeypatch.syspath_prepend(str(FIXTURES))
-    plugins_mod.reset()
-    yield
-    plugins_mod.reset()
-
-
 def by_name():
     return {p["name"]: p for p in qi.plugins()}
 
