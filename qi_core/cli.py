@@ -193,7 +193,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> list[str]:
+def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> dict[str, str | None]:
     """Flags for every declared parameter of ``pipeline`` (an unknown name is reported when the command runs)."""
     from qi_core.composer import declarations
     from qi_core.flags import add_parameter_flags
@@ -203,7 +203,7 @@ def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> list[str
     try:
         recipe = host().registry.get("pipeline", pipeline).load()
     except QiError:
-        return []
+        return {}
     return add_parameter_flags(parser, specs(declarations(recipe), recipe.defaults, recipe.required))
 
 
@@ -234,7 +234,7 @@ def build_parser(pipeline: str | None = DEFAULT_PIPELINE) -> argparse.ArgumentPa
     g.add_argument("prompt")
     g.add_argument("--pipeline", default=DEFAULT_PIPELINE, help="recipe name (see `qi pipelines`)")
     g.add_argument("--model", default=None, help="folder, hub id (hf:ORG/NAME for Hugging Face) or 'tiny'")
-    g.set_defaults(parameter_flags=_parameter_flags(g, pipeline) if pipeline else [])
+    g.set_defaults(parameter_flags=_parameter_flags(g, pipeline) if pipeline else {})
     g.add_argument("--adapter", action="append", help="adapter name (repeatable)")
     g.add_argument("--memory", default="none", help="memory policy name")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")

@@ -34,11 +34,12 @@ def _kind_of(schema: dict[str, Any]) -> str | None:
     return next((x for x in t if x != "null"), None) if isinstance(t, list) else t
 
 
-def add_parameter_flags(parser: argparse.ArgumentParser, specs: list[dict[str, Any]]) -> list[str]:
-    """Add one flag per declared parameter; returns the parameter names that got one (``name:one`` for
-    "one image or a list" parameters, which receive a single file as one image)."""
+def add_parameter_flags(
+    parser: argparse.ArgumentParser, specs: list[dict[str, Any]]
+) -> dict[str, str | None]:
+    """Add one flag per declared parameter; returns ``{name: kind}`` of the parameters that got one."""
     group = parser.add_argument_group("pipeline parameters", "declared by the pipeline and its plugins")
-    added = []
+    added: dict[str, str | None] = {}
     for spec in specs:
         name = spec["name"]
         if name in HANDLED_ELSEWHERE or spec.get("kind") in ("callable", "entries"):
@@ -64,23 +65,19 @@ def add_parameter_flags(parser: argparse.ArgumentParser, specs: list[dict[str, A
             kw["nargs"] = "+"
             item = _kind_of(schema.get("items", {}))
             kw["type"] = {"integer": int, "number": float}.get(item, str)
-        elif kind != "string" and name in ("guidance", "sampler"):
-            kw["type"] = str
-        elif kind is not None and kind != "string":
-            kw["type"] = {"integer": int, "number": float}.get(kind, str)
         group.add_argument(flag(name), *ALIASES.get(name, ()), **kw)
-        added.append(f"{name}:one" if spec.get("kind") == "images" else name)
+        added[name] = spec.get("kind")
     return added
 
 
-def call_from_args(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
-    """The call parameters the user gave (flags left out are not passed: the recipe's defaults apply)."""
+def call_from_args(args: argparse.Namespace, flags: dict[str, str | None]) -> dict[str, Any]:
+    """The call parameters the user gave (flags left out are not passed: the recipe's defaults apply). A
+    single file for a "one image or a list" parameter is passed as one image."""
     call = {}
-    for entry in names:
-        name, _, one = entry.partition(":")
+    for name, kind in flags.items():
         value = getattr(args, name, None)
         if value is not None:
-            call[name] = value[0] if one and isinstance(value, list) and len(value) == 1 else value
+            call[name] = value[0] if kind == "images" and len(value) == 1 else value
     return call
 
 
