@@ -440,9 +440,9 @@ def make_register(
     sig = inspect.signature(stub)
     plain = hookspecs.plain_signature(sig)
     shown = f"qi.register({kind!r}, {plain[1:-1]}, replace=False)" if user else f"register{plain}"
+    keywords = [n for n, p in sig.parameters.items() if p.kind is not p.POSITIONAL_ONLY]
 
     def register(*args: Any, **kwargs: Any) -> None:
-        keywords = [n for n, p in sig.parameters.items() if p.kind is not p.POSITIONAL_ONLY]
         for k in kwargs:
             if k not in keywords:
                 close = difflib.get_close_matches(k, keywords, n=1, cutoff=0.5)
