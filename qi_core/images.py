@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from qi_core.errors import ImageReadError
+from qi_core.errors import ImageReadError, OutputPathError
+
+#: The image formats written by suffix.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def load_image(value: Any, what: str = "image") -> Image.Image:
@@ -65,3 +70,46 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tens
     pad = kernel_size // 2
     y = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
     return torch.nn.functional.conv2d(y, k2.expand(C, 1, kernel_size, kernel_size), groups=C)
+
+
+def save_image(image: Any, path: str | os.PathLike, meta: dict[str, Any], quality: int = 95) -> None:
+    """Write an image in the format its suffix names, with the generation settings, atomically: PNG text chunks
+    (``parameters`` = the JSON, and one ``qi:KEY`` chunk per setting); JPEG and WebP carry the JSON in the
+    EXIF ImageDescription."""
+    from qi_core.atomic import atomic_file
+
+    path = Path(path)
+    text = json.dumps(meta, ensure_ascii=False, default=str)
+    suffix = path.suffix.lower()
+    try:
+        with atomic_file(path) as tmp:
+            if suffix == ".png":
+                from PIL.PngImagePlugin import PngInfo
+
+                info = PngInfo()
+                for k, v in meta.items():
+                    info.add_text(f"qi:{k}", str(v))
+                info.add_text("parameters", text)
+                image.save(tmp, format="PNG", pnginfo=info)
+            else:
+                exif = Image.Exif()
+                exif[0x010E] = text  # ImageDescription
+                fmt = "WEBP" if suffix == ".webp" else "JPEG"
+                image.convert("RGB").save(tmp, format=fmt, quality=quality, exif=exif.tobytes())
+    except PermissionError as e:  # the up-front check passed, yet the folder refused (ACLs, a quota …)
+        raise OutputPathError(f"cannot write {path}: {e.strerror}; choose a writable --out location") from e
+
+
+def image_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The generation settings :func:`save_image` wrote into an image file ({} when it has none)."""
+    with Image.open(path) as im:
+        text = im.info.get("parameters")
+        if text is None:
+            text = im.getexif().get(0x010E)
+    if not text:
+        return {}
+    try:
+        out = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return out if isinstance(out, dict) else {}

@@ -64,12 +64,17 @@ def _types(annotation: Any) -> set[Any]:
     return {t for a in args for t in _types(a)} if args else {annotation}
 
 
-def param(default: Any, description: str, *, kind: str | None = None, **constraints: Any) -> Any:
-    """A declared parameter: its default, a one-line description, an optional file ``kind`` and pydantic
-    constraints (``ge``, ``le``, ``gt``, …)."""
+def param(default: Any, description: str, *, kind: str | None = None,
+          shorthand: tuple[str, tuple[str, ...]] | None = None, **constraints: Any) -> Any:  # fmt: skip
+    """A declared parameter: its default, a one-line description, an optional file ``kind``, pydantic
+    constraints (``ge``, ``le``, ``gt``, …) and, for ``entries``, an optional short form
+    ``(flag, fields)``: ``--flag A:B[:C]`` on a command line is the entry ``{fields[0]: A, …}``."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown parameter kind {kind!r}; kinds are {', '.join(KINDS)}")
-    extra = {"kind": kind} if kind else None
+    extra: dict[str, Any] = {"kind": kind} if kind else {}
+    if shorthand is not None:
+        extra["shorthand"] = {"flag": shorthand[0], "fields": list(shorthand[1])}
+    extra = extra or None
     return Field(default, description=description, json_schema_extra=extra, **constraints)
 
 
@@ -184,6 +189,7 @@ def specs(models: Iterable[type[CallParams]], defaults: Mapping[str, Any] = (),
             "description": info.description or "",
             "required": name in required,
             "kind": extra.get("kind"),
+            **({"shorthand": extra["shorthand"]} if "shorthand" in extra else {}),
         })  # fmt: skip
     return out
 

@@ -42,7 +42,7 @@ USER = "<user>"
 BUILTIN_PACKAGE = "qi_plugins"  # the package of qi's own plugins (they win name clashes)
 # the sub-commands qi_core.cli defines itself; a plugin command of one of these names is never reachable
 # (tests/core/test_bad_input_plugins.py keeps this equal to the parser's)
-CORE_COMMANDS = ("generate", "make-tiny-model", "pipelines", "plugins")
+CORE_COMMANDS = ("make-tiny-model", "pipelines", "plugins")
 
 
 class NameClashError(RegistrationError):

@@ -58,7 +58,8 @@ class BlockwiseControlNetInjector(Injector):
     class Params(CallParams):
         blockwise_controlnet_inputs: Entries = param(
             None, "control inputs: ControlNetInput(image=, scale=, start=, end=, controlnet_id=, inpaint_mask=) "
-            "or dicts with those fields", kind="entries")  # fmt: skip
+            "or dicts with those fields", kind="entries",
+            shorthand=("controlnet", ("controlnet_id", "image", "scale")))  # fmt: skip
 
     # qi train: the seed's blockwise_controlnet_* metadata columns → one ControlNetInput
     column_adapters = {COLUMNS: columns_to_inputs}

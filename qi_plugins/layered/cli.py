@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
-    from qi_core.cli import save_png
+    from qi_core.images import save_image as save_png
     from qi_core.devices import parse_dtype
     from qi_core.images import load_image
 

@@ -71,7 +71,7 @@ def run_validate(ns: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
-    from qi_core.cli import save_png
+    from qi_core.images import save_image as save_png
     from qi_core.devices import parse_dtype
     from qi_core.errors import InvalidInputError
     from qi_plugins.sft.validate import checkpoint_keys, load_trained, require_lora, resolve_checkpoint

@@ -119,10 +119,10 @@ def test_truncated_safetensors_every_reader(tmp_path):
 
 # -- output path -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("out, says", [
-    ("folder", "--out '{tmp}/folder' is a folder; name a file in it, e.g. {tmp}/folder/out.png"),
+    ("folder/{seed}.gif", "--out pattern '{tmp}/folder/{{seed}}.gif' must end in .png or .jpg or .jpeg or .webp"),
     ("x.gif", "--out 'x.gif' must end in .png or .jpg or .jpeg or .webp; e.g. {tmp}/x.png"),
     ("file/x.png", "cannot write --out '{tmp}/file/x.png': {tmp}/file is a file, not a folder"),
-], ids=["folder", "suffix", "parent-is-file"])  # fmt: skip
+], ids=["pattern-suffix", "suffix", "parent-is-file"])  # fmt: skip
 def test_bad_out_fails_before_loading(out, says, tmp_path, capsys, no_model_load):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("")

@@ -52,7 +52,7 @@ MODULES = {
 
         @hookimpl
         def qi_register_commands(register):
-            register("generate", configure)
+            register("pipelines", configure)
     """,
     # a command another (built-in) plugin registers
     "qi_clash_train": """
@@ -129,7 +129,7 @@ def test_builtins_load_first_so_a_third_party_cannot_take_their_names(clash_plug
 def test_command_shadowed_by_a_builtin_command_is_not_ok(clash_plugins):
     (p,) = reports("clash_generate")
     assert p["status"] == "name-clash" and p["hook"] == "qi_register_commands"
-    assert "command(s) 'generate' shadowed by qi's built-in command(s)" in p["error"]
+    assert "command(s) 'pipelines' shadowed by qi's built-in command(s)" in p["error"]
     assert f"plugin 'clash_generate' ({DIST} 1.0, module qi_clash_generate)" in p["error"]
     # the rest of the plugin still works
     assert plugin_host.host().registry.get("scheduler", "clash-generate-schedule").plugin == "clash_generate"

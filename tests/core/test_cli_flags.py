@@ -9,11 +9,11 @@ from PIL import Image
 import qi_core
 from qi_core.cli import build_parser, main
 from qi_core.composer import describe
-from qi_core.flags import HANDLED_ELSEWHERE, flag
+from qi_plugins.doors.flags import HANDLED_ELSEWHERE, flag
 
 
 def help_text(pipeline: str) -> str:
-    sub = next(a for a in build_parser(pipeline)._actions if a.dest == "command")
+    sub = next(a for a in build_parser(["generate", "--pipeline", pipeline])._actions if a.dest == "command")
     return sub.choices["generate"].format_help()
 
 
@@ -49,6 +49,10 @@ class Recorder:
         class Pipe:
             model, device = "fake", "cpu"
             dtype = "torch.float32"
+            size_multiple = 16
+
+            def parameter_specs(self):
+                return next(describe(r) for r in qi_core.pipelines() if r.name == name)["parameters"]
 
             def parameters(self):
                 return {"negative_prompt": "", "seed": None, "num_inference_steps": 1, "cfg_scale": 1.0,

@@ -12,10 +12,15 @@ from PIL import Image
 
 import qi_core
 from qi_core.cli import main
+from qi_core.composer import describe
 
 
 class FakePipe:
     model, dtype, device = "fake", torch.float32, torch.device("cpu")
+    size_multiple = 16
+
+    def parameter_specs(self):
+        return next(describe(r) for r in qi_core.pipelines() if r.name == "qwen-image")["parameters"]
 
     def __init__(self, calls):
         self.calls = calls

@@ -19,7 +19,7 @@ from qi_core.errors import UnavailableNameError, UnknownNameError
 PLUGINS = Path(__file__).parents[2] / "qi_plugins"
 FIRST_PARTY = sorted(p.name for p in PLUGINS.iterdir() if (p / "__init__.py").is_file())
 # imports of another plugin that are optional: each is guarded and says which plugin to install when missing
-OPTIONAL = {"diffsynth_compat": {"blockwise_controlnet", "lora", "i2l"}}
+OPTIONAL = {"diffsynth_compat": {"blockwise_controlnet", "lora", "i2l"}, "doors": {"lora"}}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ in ``--help``; nothing here lists a variant's parameters. Values left out stay t
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from qi_core.errors import InvalidInputError
@@ -15,7 +16,8 @@ from qi_core.errors import InvalidInputError
 #: type have no command-line form (the command writes image files).
 HANDLED_ELSEWHERE = ("prompt", "progress_bar_cmd", "output_type")
 #: Short forms kept from earlier versions of the command line.
-ALIASES = {"num_inference_steps": ("--steps",), "denoising_strength": ("--strength",)}
+ALIASES = {"num_inference_steps": ("--steps",), "denoising_strength": ("--strength",),
+           "num_images_per_prompt": ("-n", "--num-images")}  # fmt: skip
 
 
 def flag(name: str) -> str:
@@ -42,13 +44,23 @@ def add_parameter_flags(
     added: dict[str, str | None] = {}
     for spec in specs:
         name = spec["name"]
-        if name in HANDLED_ELSEWHERE or spec.get("kind") in ("callable", "entries"):
+        if name in HANDLED_ELSEWHERE or spec.get("kind") == "callable":
             continue
         schema = _schema(spec)
         kind = _kind_of(schema)
         default = spec["default"]
         shown = "" if default is None else f" (default: {default})"
         kw: dict[str, Any] = {"dest": name, "default": None, "help": f"{spec['description']}{shown}"}
+        if spec.get("kind") == "entries":
+            short = spec.get("shorthand") or {}
+            fields = short.get("fields", ())
+            form = ":".join(f"{f.upper()}" for f in fields) if fields else "KEY=VALUE,..."
+            kw.update(action="append", type=_entry_parser(name, fields), metavar=form)
+            kw["help"] += "; repeatable; also KEY=VALUE,... or a JSON object"
+            aliases = (flag(short["flag"]),) if short.get("flag") else ()
+            group.add_argument(flag(name), *aliases, **kw)
+            added[name] = "entries"
+            continue
         if spec.get("kind") in ("image", "mask"):
             kw["metavar"] = "FILE"
         elif spec.get("kind") in ("images", "masks"):
@@ -70,6 +82,41 @@ def add_parameter_flags(
     return added
 
 
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # a path or a word
+
+
+def _entry_parser(name: str, fields: tuple[str, ...]):
+    """Parse one entry of an entries-kind parameter: a JSON object, ``KEY=VALUE,KEY=VALUE``, or the declared
+    short form (``FIELD:FIELD[:FIELD]`` in the declared field order)."""
+
+    def parse(text: str) -> dict[str, Any]:
+        if text.lstrip().startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"not a JSON object ({e.msg})") from None
+            if not isinstance(value, dict):
+                raise argparse.ArgumentTypeError('a JSON object, e.g. \'{"image": "a.png"}\'')
+            return value
+        if "=" in text:
+            pairs = [p.partition("=") for p in text.split(",")]
+            if any(not sep or not k for k, sep, _ in pairs):
+                raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE,KEY=VALUE")
+            return {k.strip(): _value(v) for k, _, v in pairs}
+        parts = text.split(":")
+        if not fields or len(parts) > len(fields):
+            form = ":".join(fields) if fields else "KEY=VALUE,..."
+            raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
+        return {f: _value(v) for f, v in zip(fields, parts, strict=False)}
+
+    parse.__name__ = name  # argparse names the type in its error
+    return parse
+
+
 def call_from_args(args: argparse.Namespace, flags: dict[str, str | None]) -> dict[str, Any]:
     """The call parameters the user gave (flags left out are not passed: the recipe's defaults apply). A
     single file for a "one image or a list" parameter is passed as one image."""
@@ -84,7 +131,7 @@ def call_from_args(args: argparse.Namespace, flags: dict[str, str | None]) -> di
 def as_flag_error(e: InvalidInputError) -> InvalidInputError:
     """An error about a call parameter, reworded with its flag (``--cfg-scale must be …``)."""
     name = getattr(e, "param", None)
-    if not name or not str(e).startswith(name):
+    if not name or name in HANDLED_ELSEWHERE or not str(e).startswith(name):
         return e
     text = flag(name) + str(e)[len(name) :]
     text = text.replace(f" — {name}: ", f" — {flag(name)}: ")
