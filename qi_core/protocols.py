@@ -126,7 +126,7 @@ class Injector:
     #: (:mod:`qi_core.sizing`; default RGB sized like the target). Read per run from the pipeline's injectors.
     file_loaders: dict[str, Callable[..., Any]] = {}
     #: Training: ``{columns: adapter({column: value}) -> {call parameter: value}}`` for ``--extra_inputs``
-    #: columns that are not call parameters themselves (:func:`qi_core.conditioning.adapt_columns`).
+    #: columns that are not call parameters themselves (:func:`qi_plugins.sft.encoding.adapt_columns`).
     column_adapters: dict[tuple[str, ...], Callable[..., Any]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -245,7 +245,7 @@ class TrainingTask(Protocol):
 
     def encode(self, pipe: Pipeline, sample: dict[str, Any], **kw: Any) -> Conditioning:
         """One row (files loaded, ``"_where"`` naming it) → its conditioning; usually
-        :func:`qi_core.conditioning.encode_sample` (``kw``: ``extra_inputs``, ``overrides``)."""
+        the training plugin's ``encode_sample`` (``kw``: ``extra_inputs``, ``overrides``)."""
 
     def loss(self, pipe: Pipeline, batch: Conditioning, generator: Any) -> torch.Tensor:
         """The loss of one batch (a 0-d tensor); ``generator``: one ``torch.Generator`` per sample."""

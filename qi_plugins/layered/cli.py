@@ -40,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
-    from qi_core.images import save_image as save_png
     from qi_core.devices import parse_dtype
-    from qi_core.images import load_image
+    from qi_core.images import load_image, save_image
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
@@ -70,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
     target = Path(args.out)
     for i, layer in enumerate(images):
         path = target.with_name(f"{target.stem}_{i}{target.suffix or '.png'}")
-        save_png(layer, path, {**meta, "frame": i})  # frame 0 = composite when layer_num > 0
+        save_image(layer, path, {**meta, "frame": i})  # frame 0 = composite when layer_num > 0
         print(f"wrote {path}")
     return 0

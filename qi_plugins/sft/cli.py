@@ -71,9 +71,9 @@ def run_validate(ns: argparse.Namespace) -> int:
     import torch
 
     import qi_core as qi
-    from qi_core.images import save_image as save_png
     from qi_core.devices import parse_dtype
     from qi_core.errors import InvalidInputError
+    from qi_core.images import save_image
     from qi_plugins.sft.validate import checkpoint_keys, load_trained, require_lora, resolve_checkpoint
 
     if not (ns.checkpoint or ns.lora or ns.dit_weights):
@@ -104,6 +104,6 @@ def run_validate(ns: argparse.Namespace) -> int:
     meta = {**{k: v for k, v in {**pipe.parameters(), **call}.items() if k in (
         "prompt", "negative_prompt", "seed", "num_inference_steps", "cfg_scale", "height", "width")},
         "pipeline": ns.pipeline, "model": str(ns.model or pipe.model), "weights": ", ".join(loaded)}  # fmt: skip
-    save_png(image if not isinstance(image, list) else image[0], Path(ns.out), meta)
+    save_image(image if not isinstance(image, list) else image[0], Path(ns.out), meta)
     print(f"wrote {ns.out} ({', '.join(loaded)})")
     return 0

@@ -25,9 +25,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from qi_core.conditioning import FORMAT
 from qi_core.errors import ImageReadError, InvalidInputError
 from qi_core.sizing import FileLoader, SizeSpec, load_rgb
+from qi_plugins.sft.encoding import FORMAT
 
 
 class BadRowError(ImageReadError):

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from qi_core.conditioning import Conditioning, encode_sample
+from qi_core.conditioning import Conditioning
 from qi_core.errors import InvalidInputError
 from qi_core.pipeline import timestep_at
+from qi_plugins.sft.encoding import encode_sample
 
 NUM_TRAIN_TIMESTEPS = 1000  # the seed's training grid (scheduler.set_timesteps(1000, training=True))
 

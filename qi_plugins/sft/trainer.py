@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from qi_core.conditioning import Conditioning, encode_sample, injector_declarations
+from qi_core.conditioning import Conditioning
 from qi_core.errors import InvalidInputError
 from qi_core.sizing import SizeSpec
 from qi_plugins.sft import checkpoint as ckpt
 from qi_plugins.sft.args import TrainArgs, make_args
 from qi_plugins.sft.batching import collate
 from qi_plugins.sft.data import CachedDataset, MetadataDataset, collate_samples
+from qi_plugins.sft.encoding import encode_sample, injector_declarations, load_conditioning, save_conditioning
 from qi_plugins.sft.metrics import MetricsLog
 from qi_plugins.sft.models import (
     TrainingModule,
@@ -171,7 +172,7 @@ def _encoder(args: TrainArgs, pipe: Any, task: Any):
 
     def run(sample: dict[str, Any]) -> Conditioning:
         if "_cache" in sample:
-            return Conditioning.load(sample["_cache"])
+            return load_conditioning(sample["_cache"])
         if encode is not None:
             return encode(pipe, sample, extra_inputs=extra, overrides=overrides)
         return encode_sample(pipe, sample, extra_inputs=extra, overrides=overrides)
@@ -212,7 +213,7 @@ def _data_process(args: TrainArgs, acc: Any, pipe: Any, task: Any, out: Path) ->
         _loader(dataset, mine, args.dataset_num_workers), desc="encoding", disable=not acc.is_main_process
     )
     for k, samples in enumerate(bar):
-        files.append(encode(samples[0]).save(folder / f"{k}.safetensors"))
+        files.append(save_conditioning(encode(samples[0]), folder / f"{k}.safetensors"))
     acc.wait_for_everyone()
     return TrainResult(out, main_process=acc.is_main_process, cache_files=files,
                        skipped_rows=len(dataset.skipped), components=list(pipe.components), pipe=pipe)  # fmt: skip

@@ -168,8 +168,8 @@ def test_injectors_declare_file_loaders_per_run(tmp_path):
     """A column's loader comes from the run's injectors (``Injector.file_loaders``), not a global registry."""
     from types import SimpleNamespace
 
-    from qi_core.conditioning import injector_declarations
     from qi_core.sizing import load_rgb
+    from qi_plugins.sft.encoding import injector_declarations
 
     ds = make_dataset(tmp_path, [(32, 32)])
     write_metadata(ds, [{"image": "images/0.png", "prompt": "p", "layer": "images/0.png"}])

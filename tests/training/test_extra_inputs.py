@@ -13,12 +13,12 @@ from PIL import Image
 from training_helpers import args_for, make_dataset, one_thread, write_metadata  # noqa: F401
 
 import qi_core as qi
-from qi_core.conditioning import Conditioning, encode_sample
 from qi_core.errors import InvalidInputError
 from qi_core.images import image_to_tensor, load_image
 from qi_core.protocols import ImageSegment, Injector
 from qi_plugins.sft import train
 from qi_plugins.sft.batching import collate
+from qi_plugins.sft.encoding import encode_sample, load_conditioning, save_conditioning
 from qi_plugins.sft.tasks import SFT
 
 RECIPE = "test-training-ref-image"
@@ -84,7 +84,7 @@ def test_extra_input_becomes_an_image_segment_and_caches(recipe, dataset, tmp_pa
         with_ref = SFT().loss(pipe, cond, torch.Generator().manual_seed(0))
         without = SFT().loss(pipe, plain, torch.Generator().manual_seed(0))
     assert abs(float(with_ref) - float(without)) > 1e-6  # the denoiser saw the extra tokens
-    loaded = Conditioning.load(cond.save(tmp_path / "c.safetensors"))
+    loaded = load_conditioning(save_conditioning(cond, tmp_path / "c.safetensors"))
     assert torch.equal(loaded.images[0].latents, cond.images[0].latents)
     assert torch.equal(loaded.text[0].emb, cond.text[0].emb) and loaded.params[0]["prompt"] == "picture 0"
     with torch.no_grad():

@@ -12,8 +12,8 @@ from tolerance import F32_ISLAND_TERMS, TINY_VAE_TERMS, check_same_maths, float3
 from training_helpers import one_thread  # noqa: F401
 
 import qi_core as qi
-from qi_core.conditioning import encode_sample
 from qi_plugins.sft.batching import collate
+from qi_plugins.sft.encoding import encode_sample
 from qi_plugins.sft.tasks import SFT, DirectDistill
 
 GROUPS = {"input_latents": "latents", "noise": "latents", "noisy_latents": "latents",

@@ -12,10 +12,10 @@ from training_helpers import MODEL, args_for, fixed_loss, make_dataset, one_thre
 
 import qi_core as qi
 from qi_core.cli import main
-from qi_core.conditioning import encode_sample
 from qi_core.errors import InvalidInputError
 from qi_plugins.sft import train
 from qi_plugins.sft.data import BadRowError
+from qi_plugins.sft.encoding import encode_sample
 from qi_plugins.sft.metrics import read_log
 from qi_plugins.sft.models import FP8Linear
 from qi_plugins.sft.validate import load_trained

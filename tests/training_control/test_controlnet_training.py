@@ -22,11 +22,11 @@ from control_helpers import (  # noqa: F401
 )
 
 import qi_core as qi
-from qi_core.conditioning import encode_sample, injector_declarations
 from qi_core.errors import InvalidInputError, ModelLoadError
 from qi_plugins.blockwise_controlnet.inputs import ControlNetInput
 from qi_plugins.blockwise_controlnet.training import CKPT_PREFIX, columns_to_inputs, init_controlnet, main
 from qi_plugins.sft import train
+from qi_plugins.sft.encoding import encode_sample, injector_declarations
 
 RECIPE = "qwen-image-blockwise-controlnet-canny"
 COLUMN = "blockwise_controlnet_image"

@@ -20,9 +20,9 @@ from control_helpers import (
 )  # noqa: F401
 
 import qi_core as qi
-from qi_core.conditioning import encode_sample
 from qi_core.errors import InvalidInputError
 from qi_plugins.sft import train
+from qi_plugins.sft.encoding import encode_sample
 
 ENTITIES = ["a red box", "a grey wall"]
 MASKS = ["images/mask_box.png", "images/mask_rest.png"]

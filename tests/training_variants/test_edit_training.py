@@ -11,10 +11,10 @@ from PIL import Image
 from variant_helpers import TINY_TARGETS, fixed_loss, one_thread, picture, write_metadata  # noqa: F401
 
 import qi_core as qi
-from qi_core.conditioning import encode_sample
 from qi_core.errors import InvalidInputError
 from qi_plugins.sft import train
 from qi_plugins.sft.data import BadRowError
+from qi_plugins.sft.encoding import encode_sample
 from qi_plugins.sft.validate import load_trained
 
 NO_RESIZE = {"edit_image_auto_resize": False}  # keep the tiny images tiny (the default resizes to ~1024²)

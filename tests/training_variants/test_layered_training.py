@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from variant_helpers import TINY_TARGETS, fixed_loss, one_thread, picture, write_metadata  # noqa: F401
 
 import qi_core as qi
-from qi_core.conditioning import Conditioning, encode_sample
 from qi_core.errors import InvalidInputError
 from qi_core.sizing import SizeSpec
 from qi_plugins.layered.training import load_rgba
 from qi_plugins.sft import train
+from qi_plugins.sft.encoding import encode_sample, load_conditioning
 from qi_plugins.sft.validate import load_trained
 
 LAYERED = GOLDEN / "models" / "qwen_image_layered"
@@ -113,7 +113,7 @@ def test_layered_files_keep_their_alpha(dataset, tmp_path):
     assert layer.mode == "RGBA" and np.asarray(layer)[..., 3].min() == 0  # the transparent background is kept
     result = train(layered_args(dataset, tmp_path / "cache", task="sft:data_process", lora_base_model="dit"))
     (cache,) = result.cache_files
-    cached = Conditioning.load(cache)
+    cached = load_conditioning(cache)
     pipe = layered_pipe()
     rgba, flat = encoded(pipe, dataset), encoded(pipe, dataset, mode="RGB")
     assert torch.allclose(cached.latents, rgba.latents, atol=1e-6)
