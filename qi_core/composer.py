@@ -28,15 +28,15 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     :class:`~qi_core.protocols.Adapter` instances, applied in order. ``memory``: a memory policy or preset
     name for every component, or ``{role: name}`` per component (roles not named stay resident), or policy
     objects.
-    ``components``: per-role weights overriding the recipe (a folder, a file, a list of files or a
-    :class:`~qi_core.loading.ModelConfig`), e.g. ``{"dit": "my_finetune.safetensors"}``.
+    ``components``: per-role weights overriding the recipe (a folder, a file, a list of files, or an object
+    whose ``resolve()`` returns its files, fetching them itself), e.g. ``{"dit": "my_finetune.safetensors"}``.
+    ``downloader``: ``fetch(model_id, local_dir, patterns)`` replacing the source for the hub ids it resolves.
     ``roles``: load only these component roles (the others stay absent), e.g. ``{"dit"}`` for the second
     stage of split training; None loads every role.
     ``guidance``, ``sampler``, ``step_runner``: registered loop parts by name (or objects); the first two
     default to the recipe's and can be changed per call. ``attention``: a registered attention backend given
     to every component with ``set_attention`` (None keeps the denoiser's own, torch's SDPA).
     """
-    call = dict(locals())  # the arguments as given: ``model="tiny"`` composes again from the built folder
     import torch
 
     from qi_core.devices import check_device
@@ -57,15 +57,10 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     source = model if model is not None else recipe.model
     if source is None:
         raise InvalidInputError(f"pipeline {name!r} has no default model; pass model='folder or hub id'")
-    if source == TINY and not Path(TINY).is_dir():
-        from qi_core.loading import local_hub
-
-        # built once; the hub ids its components and adapters name are served from the folder, never fetched
+    hub = None  # the tiny model's extra repositories are served from its folder, never fetched
+    if _is_tiny(source):
         root = tiny_model(recipe)
-        with local_hub(root / TINY_HUB):
-            pipe = compose(**{**call, "model": root})
-        pipe.model = TINY
-        return pipe
+        hub = root / TINY_HUB
     else:
         subfolders = [
             c.subfolder for r, c in recipe.components.items() if c.subfolder and (roles is None or r in roles)
@@ -88,11 +83,11 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
             bar.update(1)
             continue
         if role in overrides:
-            folder = component_source(overrides[role], downloader)
+            folder = component_source(overrides[role])
         elif comp.model is not None:
             pats = [comp.pattern] if comp.pattern else None
             folder = resolve_model_root(
-                comp.model, [comp.subfolder or ""], downloader=downloader, patterns=pats
+                comp.model, [comp.subfolder or ""], downloader=downloader, patterns=pats, hub=hub
             )
             folder = folder / comp.subfolder if comp.subfolder else folder
         elif comp.subfolder is not None and not (Path(root) / comp.subfolder).is_dir() and not comp.required:
@@ -152,6 +147,18 @@ def memory_policies(memory: Any, roles: list[str]) -> dict[str, Any]:
 
 TINY = "tiny"
 TINY_HUB = "hub"  # subfolder of a tiny model holding the extra repositories its recipe names, as ORG/NAME
+
+
+def _is_tiny(model: Any) -> bool:
+    return model == TINY and not Path(TINY).is_dir()
+
+
+def model_hub(pipe: Any) -> Path | None:
+    """The local hub serving the hub ids ``pipe``'s adapters name (``resolve_model_root(..., hub=)``): its tiny
+    model's ``hub/`` when composed with ``model="tiny"``, else None (they are downloaded)."""
+    if not _is_tiny(getattr(pipe, "model", None)):
+        return None
+    return tiny_model(host().registry.get("pipeline", pipe.name).load()) / TINY_HUB
 
 
 def cache_dir() -> Path:

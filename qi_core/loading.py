@@ -1,126 +1,24 @@
-"""Model files: the official folder layout, safetensors weights, hub ids, and the seed's ModelConfig."""
+"""Model files: the official folder layout, hub ids fetched by registered sources, and safetensors weights."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from qi_core.errors import DownloadError, MissingComponentError, ModelLoadError, WeightMismatchError
+from qi_core.plugin_host import host
 
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model")
 
 
-class ModelConfig(BaseModel):
-    """One model's files and placement, mirroring the seed's ``ModelConfig``.
-
-    Either ``path`` (a file, a list of shard files, or a folder) or ``model_id`` (+ ``origin_file_pattern``).
-    The ``*_dtype`` / ``*_device`` fields are read by memory policies.
-    """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
-
-    path: str | list[str] | None = None  # local file, shards, or folder
-    model_id: str | None = None  # hub id, e.g. "Qwen/Qwen-Image"
-    origin_file_pattern: str | list[str] | None = None  # glob inside the repository, e.g. "transformer/"
-    download_source: str | None = None  # "modelscope" (default) or "huggingface"
-    local_model_path: str | None = None  # where downloads go (default ./models)
-    skip_download: bool | None = None  # only use files already on disk
-    offload_dtype: Any = None
-    offload_device: Any = None
-    onload_dtype: Any = None
-    onload_device: Any = None
-    preparing_dtype: Any = None
-    preparing_device: Any = None
-    computation_dtype: Any = None
-    computation_device: Any = None
-    memory: str | None = Field(default=None, description="memory policy name for this model")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        if self.path is None and self.model_id is None:
-            raise ValueError("ModelConfig needs either path= (local files) or model_id= (a hub id)")
-        return self
-
-    def resolve(self, downloader: Downloader | None = None) -> list[Path]:
-        """Local files of this config, downloading what is missing unless skip_download is set."""
-        if self.path is not None:
-            paths = [Path(p) for p in ([self.path] if isinstance(self.path, str) else self.path)]
-            missing = [str(p) for p in paths if not p.exists()]
-            if missing:
-                raise MissingComponentError(f"model file(s) not found: {', '.join(missing)}")
-            return paths
-        pattern = self.origin_file_pattern or "*"
-        patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-        patterns = [p + "*" if p.endswith("/") else ("*" if p in ("", "./") else p) for p in patterns]
-        base = Path(self.local_model_path or os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
-        root = base / str(self.model_id)
-        skip = self.skip_download
-        if skip is None:
-            skip = os.environ.get("DIFFSYNTH_SKIP_DOWNLOAD", "").lower() in ("1", "true", "yes")
-        if not skip:
-            (downloader or get_downloader(download_source(self.download_source)))(
-                str(self.model_id), root, patterns
-            )
-        found = sorted({p for pat in patterns for p in root.glob(pat) if p.is_file()})
-        if not found:
-            raise MissingComponentError(f"no files match {patterns} in {root} (model_id={self.model_id!r})")
-        return found
-
-
-# -- hubs ------------------------------------------------------------------------------------------------
-Downloader = Callable[[str, Path, list[str]], None]
-"""``download(model_id, local_dir, allow_patterns)`` fetches the matching files into ``local_dir``."""
-
-
-def _modelscope(model_id: str, local_dir: Path, patterns: list[str]) -> None:
-    try:
-        from modelscope import snapshot_download
-    except ImportError as e:
-        raise DownloadError(
-            "downloading from ModelScope needs the modelscope package: pip install 'qi[hub]'"
-        ) from e
-    try:
-        snapshot_download(model_id, local_dir=str(local_dir), allow_file_pattern=patterns)
-    except Exception as e:
-        raise DownloadError(f"ModelScope download of {model_id!r} ({patterns}) failed: {e}") from e
-
-
-def _huggingface(model_id: str, local_dir: Path, patterns: list[str]) -> None:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise DownloadError(
-            "downloading from Hugging Face needs huggingface_hub: pip install 'qi[hub]'"
-        ) from e
-    try:
-        snapshot_download(model_id, local_dir=str(local_dir), allow_patterns=patterns)
-    except Exception as e:
-        raise DownloadError(f"Hugging Face download of {model_id!r} ({patterns}) failed: {e}") from e
-
-
-DOWNLOADERS: dict[str, Downloader] = {"modelscope": _modelscope, "huggingface": _huggingface}
-
-
-def download_source(explicit: str | None = None) -> str:
-    """Where hub ids are fetched from: ``explicit``, else ``QI_DOWNLOAD_SOURCE``, else DiffSynth's
-    ``DIFFSYNTH_DOWNLOAD_SOURCE``, else ModelScope."""
-    env = os.environ.get("QI_DOWNLOAD_SOURCE") or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE")
-    return explicit or env or "modelscope"
-
-
-def get_downloader(source: str) -> Downloader:
-    try:
-        return DOWNLOADERS[source]
-    except KeyError:
-        raise DownloadError(f"unknown download source {source!r}; use one of {sorted(DOWNLOADERS)}") from None
+# -- hub ids ---------------------------------------------------------------------------------------------
+Fetch = Callable[[str, Path, list[str]], None]
+"""``fetch(model_id, local_dir, patterns)``: a source (``qi_register_sources``) downloads the files of the hub
+repository ``model_id`` matching the glob ``patterns`` into ``local_dir``."""
 
 
 def looks_like_hub_id(s: str) -> bool:
@@ -128,70 +26,75 @@ def looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
 
 
-def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], downloader: Downloader | None = None,
-                       cache_dir: str | os.PathLike | None = None, patterns: list[str] | None = None) -> Path:  # fmt: skip
-    """A local folder in the official layout for ``model`` (a folder, or a hub id downloaded on demand).
+def split_source(model: str) -> tuple[str | None, str]:
+    """(the registered source whose prefix ``model`` starts with, else None; ``model`` without the prefix):
+    ``"hf:Qwen/Qwen-Image"`` → ``("huggingface", "Qwen/Qwen-Image")``."""
+    for entry in host().registry.entries("source"):
+        prefixes = entry.meta.get("prefixes", ())
+        for prefix in (prefixes,) if isinstance(prefixes, str) else prefixes:
+            if prefix and model.startswith(prefix):
+                return entry.name, model[len(prefix) :]
+    return None, model
 
-    ``hf:ORG/NAME`` forces Hugging Face, ``ms:ORG/NAME`` ModelScope; a bare ``ORG/NAME`` uses
-    ``QI_DOWNLOAD_SOURCE`` (default modelscope). Only the needed subfolders are fetched.
-    """
+
+def fetcher(source: str | None = None) -> Fetch:
+    """The ``fetch`` of the registered source ``source``; None: ``QI_DOWNLOAD_SOURCE``, else DiffSynth's
+    ``DIFFSYNTH_DOWNLOAD_SOURCE``, else ``modelscope``."""
+    env = os.environ.get("QI_DOWNLOAD_SOURCE") or os.environ.get("DIFFSYNTH_DOWNLOAD_SOURCE")
+    source = source or env or "modelscope"
+    reg = host().registry
+    if not reg.names("source"):
+        raise DownloadError(
+            f"no model source is registered to fetch from {source!r}: enable the 'hub' plugin (see `qi plugins`; "
+            "is it in QI_DISABLE_PLUGINS?) or pass a local folder"
+        )
+    try:
+        return reg.get("source", source).load()
+    except KeyError:  # UnknownNameError
+        raise DownloadError(f"unknown download source {source!r}; use one of {reg.names('source')}") from None
+
+
+def resolve_model_root(model: str | os.PathLike, subfolders: Iterable[str], downloader: Fetch | None = None,
+                       cache_dir: str | os.PathLike | None = None, patterns: list[str] | None = None, *,
+                       hub: str | os.PathLike | None = None) -> Path:  # fmt: skip
+    """A local folder in the official layout for ``model``: a folder as is, else a hub id ``ORG/NAME`` whose
+    needed subfolders (or ``patterns``) are fetched by ``downloader``, else by the source its prefix names
+    (``hf:``, ``ms:``), else by the default one (:func:`fetcher`). ``hub``: a folder serving every hub id as
+    ``hub/ORG/NAME`` instead, nothing downloaded (a tiny model's extra repositories)."""
     s = os.fspath(model)
     if Path(s).expanduser().is_dir():
         return Path(s).expanduser()
-    source = download_source()
-    for prefix, src in (("hf:", "huggingface"), ("ms:", "modelscope")):
-        if s.startswith(prefix):
-            s, source = s[len(prefix) :], src
+    source, s = split_source(s)
     if not looks_like_hub_id(s):
         raise MissingComponentError(
             f"model {os.fspath(model)!r} is neither a folder nor a hub id like 'Qwen/Qwen-Image'; "
             "pass a folder in the official layout (model_index.json, transformer/, vae/, …) or a hub id"
         )
-    hub = _LOCAL_HUB.get()
     if hub is not None:
-        return _from_local_hub(hub, s)
+        if not (Path(hub) / s).is_dir():
+            raise MissingComponentError(
+                f"{s!r} is not in the local hub {hub} (it serves only the repositories written there, and "
+                "nothing is downloaded from it); rebuild the tiny model or pass a local file"
+            )
+        return Path(hub) / s
     base = Path(
         cache_dir or os.environ.get("QI_MODEL_DIR", os.environ.get("DIFFSYNTH_MODEL_BASE_PATH", "./models"))
     )
-    root = base / s
     if patterns is None:
         patterns = ["model_index.json", *(f"{sub.rstrip('/')}/*" for sub in subfolders)]
-    (downloader or get_downloader(source))(s, root, patterns)
-    return root
-
-
-_LOCAL_HUB: ContextVar[Path | None] = ContextVar("qi_local_hub", default=None)
-
-
-@contextmanager
-def local_hub(folder: str | os.PathLike):
-    """While active, :func:`resolve_model_root` serves every hub id ``ORG/NAME`` from ``folder/ORG/NAME`` and
-    downloads nothing (``compose(model="tiny")``: the tiny builder writes the repositories its recipe names)."""
-    token = _LOCAL_HUB.set(Path(folder))
-    try:
-        yield
-    finally:
-        _LOCAL_HUB.reset(token)
-
-
-def _from_local_hub(hub: Path, model_id: str) -> Path:
-    root = hub / model_id
-    if not root.is_dir():
-        raise MissingComponentError(
-            f"{model_id!r} is not in the local hub {hub} (it serves only the repositories written there, "
-            "and nothing is downloaded while it is active); rebuild the tiny model or pass a local file"
-        )
-    return root
+    (downloader or fetcher(source))(s, base / s, patterns)
+    return base / s
 
 
 # -- folders and weights ---------------------------------------------------------------------------------
-def component_source(value: Any, downloader: Downloader | None = None) -> Path | list[Path]:
-    """What a user passed for one component: a folder, a file, a list of files, or a ModelConfig."""
-    if isinstance(value, ModelConfig):
-        files = value.resolve(downloader)
-        return files[0] if len(files) == 1 else files
+def component_source(value: Any) -> Path | list[Path]:
+    """What a user passed for one component: a folder, a file, a list of these, or an object whose
+    ``resolve()`` returns its files (e.g. the ``ModelConfig`` of the diffsynth_compat plugin)."""
     if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _as_list(component_source(v, downloader))]
+        return [p for v in value for p in _as_list(component_source(v))]
+    if not isinstance(value, (str, os.PathLike)) and callable(getattr(value, "resolve", None)):
+        files = [Path(f) for f in value.resolve()]
+        return files[0] if len(files) == 1 else files
     path = Path(os.fspath(value)).expanduser()
     if not path.exists():
         raise MissingComponentError(f"component weights {os.fspath(value)!r} do not exist")
@@ -261,9 +164,9 @@ def read_state_dict(files: list[Path], device: str = "cpu") -> dict[str, Any]:
 
 
 # -- checked safetensors ---------------------------------------------------------------------------------
-# The readers here (``read_state_dict``, ``safetensors_index``) go through ``_header`` or
-# ``unreadable_safetensors``, and other readers can call ``check_safetensors`` first: a truncated file (what
-# an interrupted download leaves) is then reported the same way everywhere, as a ModelLoadError naming it.
+# Every reader goes through ``safetensors_header`` or ``unreadable_safetensors`` (``check_safetensors`` first,
+# for readers elsewhere): a truncated file (what an interrupted download leaves) is reported the same way
+# everywhere, as a ModelLoadError naming it.
 try:
     from safetensors import SafetensorError as SafetensorsError
 except ImportError:  # safetensors < 0.4.3 did not export it; its errors are plain Exceptions there
@@ -278,8 +181,10 @@ def _truncated(file: Path, have: int, want: int) -> ModelLoadError:
     )
 
 
-def _header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(header length, header) of a safetensors file, or ModelLoadError naming the file."""
+def safetensors_header(file: str | os.PathLike) -> tuple[int, dict[str, Any]]:
+    """(header length, header) of a complete safetensors file, from its header and size alone; a
+    ModelLoadError naming ``file`` when it is not safetensors, is truncated or has bytes after its data."""
+    file = Path(file)
     try:
         with open(file, "rb") as fh:
             head = fh.read(8)
@@ -297,30 +202,24 @@ def _header(file: Path) -> tuple[int, dict[str, Any]]:
         header = None
     if not isinstance(header, dict):
         raise ModelLoadError(f"{file} is not a safetensors file (unreadable header); {_REDOWNLOAD}")
-    return size, header
-
-
-def _data_end(file: Path, size: int, header: dict[str, Any]) -> int:
-    """The file length the header promises: 8 + header + the end of the last tensor's data."""
     try:
         last = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
         raise ModelLoadError(f"{file} has a malformed safetensors header; {_REDOWNLOAD}") from None
-    return 8 + size + last
-
-
-def check_safetensors(file: str | os.PathLike) -> None:
-    """Raise ModelLoadError naming ``file`` when it is not a complete safetensors file (truncated by an
-    interrupted download, or not safetensors at all). Reads only the header and the file size."""
-    file = Path(file)
-    size, header = _header(file)
-    want, have = _data_end(file, size, header), file.stat().st_size
+    want, have = 8 + size + last, file.stat().st_size
     if have < want:
         raise _truncated(file, have, want)
     if have > want:
         raise ModelLoadError(
             f"{file} has {have - want:,} bytes after its last tensor (a corrupt download?); {_REDOWNLOAD}"
         )
+    return size, header
+
+
+def check_safetensors(file: str | os.PathLike) -> None:
+    """Raise ModelLoadError naming ``file`` when it is not a complete safetensors file (see
+    :func:`safetensors_header`)."""
+    safetensors_header(file)
 
 
 def unreadable_safetensors(file: str | os.PathLike, error: BaseException) -> ModelLoadError:
@@ -332,61 +231,6 @@ def unreadable_safetensors(file: str | os.PathLike, error: BaseException) -> Mod
         return e
     reason = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the reader wrote
     return ModelLoadError(f"{file} could not be read as safetensors ({reason}); {_REDOWNLOAD}")
-
-
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool",
-}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor lies in a safetensors file."""
-
-    file: Path
-    dtype: Any  # torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset of its data
-    nbytes: int
-
-
-def safetensors_index(file: Path) -> dict[str, StoredTensor]:
-    """Every tensor of a safetensors file, from its header alone (nothing mapped, no data read)."""
-    import torch
-
-    size, header = _header(Path(file))
-    want, have = _data_end(Path(file), size, header), Path(file).stat().st_size
-    if have < want:  # found now, not when a lazily read layer reaches the missing bytes mid-generation
-        raise _truncated(Path(file), have, want)
-    out = {}
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        if v.get("dtype") not in _ST_DTYPES:
-            raise ModelLoadError(f"{file}: tensor {k} has unsupported dtype {v.get('dtype')!r}")
-        b, e = v["data_offsets"]
-        out[k] = StoredTensor(Path(file), getattr(torch, _ST_DTYPES[v["dtype"]]), tuple(v["shape"]), 8 + size + b,
-                              e - b)  # fmt: skip
-    return out
-
-
-def read_tensor(fh: Any, entry: StoredTensor) -> Any:
-    """One tensor read from the open file ``fh`` into fresh memory with plain reads: no mapping of the file,
-    so only the tensor itself counts towards the process's memory."""
-    import torch
-
-    t = torch.empty(entry.shape, dtype=entry.dtype)
-    if entry.nbytes:
-        fh.seek(entry.start)
-        view = t.view(-1).view(torch.uint8).numpy()
-        if fh.readinto(view) != entry.nbytes:
-            raise ModelLoadError(
-                f"{entry.file}: truncated tensor data at byte {entry.start} (an interrupted download?); "
-                f"{_REDOWNLOAD}"
-            )
-    return t
 
 
 def check_state_dict(expected: Mapping[str, Any], found: Mapping[str, Any], what: str,

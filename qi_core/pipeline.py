@@ -16,10 +16,11 @@ import random
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BeforeValidator
 from tqdm.auto import tqdm
 
 from qi_core.errors import InvalidInputError, MissingComponentError
@@ -28,11 +29,23 @@ from qi_core.params import CallParams, Opaque, check_required, param, specs, val
 from qi_core.protocols import DenoiseInput, Injector, TextSegment
 
 
+def _prompts(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and not (value and all(isinstance(v, str) for v in value)):
+        raise ValueError("a string or a non-empty list of strings")
+    return value
+
+
+#: One prompt, or a list of them (a batch).
+Prompts = Annotated[str | list[str], BeforeValidator(_prompts)]
+
+
 class LoopParams(CallParams):
     """Call parameters of the generic loop (DiffSynth-Studio's names, meanings and defaults)."""
 
-    prompt: str = param("", "what the image shows")
-    negative_prompt: str = param("", "what it should not show (the negative side of guidance)")
+    prompt: Prompts = param("", "what the image shows; a list of prompts makes a batch (a list out)")
+    negative_prompt: Prompts = param("", "what it should not show (the negative side of guidance); a list: "
+                                     "one per prompt")  # fmt: skip
+    num_images_per_prompt: int = param(1, "images per prompt; image j uses seed + j", ge=1)
     cfg_scale: float = param(4.0, "guidance scale; 1 skips the negative pass", ge=0)
     height: int = param(1328, "image height in pixels, a multiple of 16", gt=0)
     width: int = param(1328, "image width in pixels, a multiple of 16", gt=0)
@@ -78,6 +91,7 @@ class RunState:
     sides: tuple[str, ...] = SIDES  # the passes the guider asked for ("positive", "negative")
     sigma: torch.Tensor | None = None  # the sigma the velocity is being evaluated at (0-d)
     tracer: Callable[[str, torch.Tensor], None] | None = field(default=None, repr=False)
+    items: list[RunState] = field(default_factory=list)  # a batch: one state per item (this one runs them)
 
     @property
     def cfg(self) -> bool:
@@ -129,7 +143,8 @@ class Pipeline:
         # which component plays which part in the loop (the recipe's roles: its denoiser is the component of
         # kind "denoiser"); the official layout's names unless the recipe says otherwise
         self.roles = {**ROLES, **(roles or {})}
-        self.tracer: Callable[[str, torch.Tensor], None] | None = None  # sees every intermediate tensor
+        # sees every intermediate tensor of a single call (of a batch: each item's before and after denoising)
+        self.tracer: Callable[[str, torch.Tensor], None] | None = None
         # registered parts of the loop (objects, or names resolved on first use)
         self.guider = guider if guider is not None else DEFAULT_PARTS["guider"]
         self.sampler = sampler if sampler is not None else DEFAULT_PARTS["sampler"]
@@ -213,7 +228,7 @@ class Pipeline:
         state = self.new_state(kwargs)
         check_required(self.name, self.required, state.params, self.declarations())
         with torch.inference_mode():
-            return self._run(state)
+            return self._run_batch(state) if state.items else self._run(state)
 
     def new_state(self, kwargs: dict[str, Any]) -> RunState:
         """A run state for these call parameters: unknown names refused, defaults filled, sizes checked."""
@@ -232,10 +247,36 @@ class Pipeline:
             params["seed"] = random.randrange(2**31)
         guider = self.part("guider", params["guidance"] if params["guidance"] is not None else self.guider)
         sampler = self.part("sampler", params["sampler"] if params["sampler"] is not None else self.sampler)
-        state = RunState(params=params, device=self.device, dtype=self.dtype, sides=tuple(guider.sides(params)),
-                         tracer=self.trace)  # fmt: skip
-        state.data["guider"], state.data["sampler"] = guider, sampler
+        sides, items = tuple(guider.sides(params)), self._items(params)
+        new = lambda p, tracer: RunState(p, self.device, self.dtype, sides=sides, tracer=tracer)  # noqa: E731
+        state = new(params, None if items else self.trace)
+        state.items = [new(p, self.trace) for p in items]
+        for s in (state, *state.items):
+            s.data["guider"], s.data["sampler"] = guider, sampler
         return state
+
+    @staticmethod
+    def _items(p: dict[str, Any]) -> list[dict[str, Any]]:
+        """A batch's items' parameters (prompt-major; image j of a prompt uses seed + j), or [] for a single
+        call: one prompt string, one image (a negative_prompt list of one becomes its string)."""
+        prompts = [p["prompt"]] if isinstance(p["prompt"], str) else list(p["prompt"])
+        negs, n = p["negative_prompt"], p["num_images_per_prompt"]
+        negs = [negs] * len(prompts) if isinstance(negs, str) else list(negs)
+        if len(negs) != len(prompts):
+            e = InvalidInputError(f"negative_prompt is a list of {len(negs)} for {len(prompts)} prompt(s); "
+                                  "give one per prompt, or one string for all")  # fmt: skip
+            e.param = "negative_prompt"
+            raise e
+        if p["seed"] + n - 1 > 2**64 - 1:
+            e = InvalidInputError(f"seed + num_images_per_prompt - 1 must be at most 2**64 - 1, got seed "
+                                  f"{p['seed']}")  # fmt: skip
+            e.param = "seed"
+            raise e
+        if isinstance(p["prompt"], str) and n == 1:
+            p["negative_prompt"] = negs[0]
+            return []
+        return [{**p, "prompt": a, "negative_prompt": b, "seed": p["seed"] + j, "num_images_per_prompt": 1}
+                for a, b in zip(prompts, negs, strict=True) for j in range(n)]  # fmt: skip
 
     def _check_core(self, p: dict[str, Any]) -> None:
         """What the declarations cannot say: the size multiple depends on the loaded models."""
@@ -266,6 +307,22 @@ class Pipeline:
         self.encode_prompts(state)
 
     def _run(self, state: RunState) -> Any:
+        self._start(state)
+        latents = self.denoise(state)
+        self.trace("final_latents", latents)
+        return self._end(state, latents)
+
+    def _run_batch(self, batch: RunState) -> list[Any]:
+        """Each item started and decoded as alone; denoised together: one sampler over the stacked latents."""
+        for s in batch.items:
+            self._start(s)
+        batch.sigmas, batch.timesteps = batch.items[0].sigmas, batch.items[0].timesteps
+        batch.latents = torch.cat([s.latents for s in batch.items])
+        latents = self.denoise(batch).split([s.latents.shape[0] for s in batch.items])
+        return [self._end(s, x) for s, x in zip(batch.items, latents, strict=True)]
+
+    def _start(self, state: RunState) -> None:
+        """Conditioning, noise and the latents entering step 0 (``state.latents``)."""
         p = state.params
         self.condition(state)
         state.noise = self.noise(state)
@@ -285,8 +342,7 @@ class Pipeline:
         state.latents = latents
         self.trace("latents_init", latents)
 
-        latents = self.denoise(state)
-        self.trace("final_latents", latents)
+    def _end(self, state: RunState, latents: torch.Tensor) -> Any:
         out = self.decode(state, latents)
         for inj in self.injectors:
             inj.finish(self, state)
@@ -344,19 +400,30 @@ class Pipeline:
 
     def velocity(self, state: RunState, dit: Any, latents: torch.Tensor, i: int,
                  sigma: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """The guided velocity of step ``i`` at ``sigma``: inputs → step runner → guider → injectors."""
-        state.sigma = sigma
-        inputs = self.denoise_inputs(state, latents, i, self.timestep(state, i, sigma))
+        """The guided velocity of step ``i`` at ``sigma``: inputs → step runner → guider → injectors. In a
+        batch (stacked latents), every item's inputs, labelled ``(item, side)``, go to one step run."""
+        state.sigma, items = sigma, state.items or [state]
+        xs = latents.split([s.latents.shape[0] for s in items]) if state.items else [latents]
+        label = (lambda k, side: (k, side)) if state.items else (lambda k, side: side)  # noqa: E731
+        t, inputs = self.timestep(state, i, sigma), {}
+        for k, (s, x) in enumerate(zip(items, xs, strict=True)):
+            s.sigma = sigma
+            inputs.update({label(k, side): inp for side, inp in self.denoise_inputs(s, x, i, t).items()})
         if "memory_prepared" not in state.data:  # the denoiser's first evaluation in this call
             state.data["memory_prepared"] = self._prepare_memory(dit, list(inputs.values()), state.timesteps)
         preds = self._runner().run(dit, inputs, state=state, step=i, sigma=sigma)
-        for side in state.sides:
-            self.trace(f"noise_pred_{side[:4]}_step_{i}", preds[side])
-        v = state.data["guider"].combine(preds, params=state.params, step=i, sigma=float(sigma))
-        self.trace(f"noise_pred_step_{i}", v)
-        for inj in self.injectors:
-            v = inj.velocity(self, state, i, v, latents)
-        return v
+        trace = self.trace if not state.items else lambda *_: None  # the tracer follows single calls
+        out = []
+        for k, (s, x) in enumerate(zip(items, xs, strict=True)):
+            mine = {side: preds[label(k, side)] for side in s.sides}
+            for side in s.sides:
+                trace(f"noise_pred_{side[:4]}_step_{i}", mine[side])
+            v = s.data["guider"].combine(mine, params=s.params, step=i, sigma=float(sigma))
+            trace(f"noise_pred_step_{i}", v)
+            for inj in self.injectors:
+                v = inj.velocity(self, s, i, v, x)
+            out.append(v)
+        return torch.cat(out) if state.items else out[0]
 
     def _prepare_memory(self, dit: Any, inputs: list[DenoiseInput], timesteps: torch.Tensor) -> bool:
         """Show the denoiser's memory policy the call before its first step (its optional ``prepare``: the

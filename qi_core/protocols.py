@@ -13,7 +13,7 @@ indices select :attr:`DenoiseInput.extra_timesteps`). Only the target tokens are
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -68,9 +68,10 @@ class DenoiseInput:
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """Required: ``__call__(inp)``. Optional: ``forward_many(inputs) -> list`` (several independent inputs —
-    the CFG sides — layer by layer, so each layer runs, and moves, once per step; each result must equal its
-    own ``__call__``), ``patch_size``, and whatever a memory policy's ``prepare`` looks for (the memory plugin:
+    """Required: ``__call__(inp)``. Optional: ``forward_many(inputs, *, stack=False) -> list`` (several
+    independent inputs — the CFG sides — layer by layer, so each layer runs, and moves, once per step; each
+    result must equal its own ``__call__``; with ``stack``, a batch's inputs, stacked along B where they can
+    be), ``patch_size``, and whatever a memory policy's ``prepare`` looks for (the memory plugin:
     the timestep-only state, ``modulation_layers`` …)."""
 
     def __call__(self, inp: DenoiseInput) -> torch.Tensor:
@@ -220,11 +221,13 @@ class Sampler(Protocol):
 
 @runtime_checkable
 class StepRunner(Protocol):
-    """How one step's per-side inputs become predictions (``qi_register_step_runners``)."""
+    """How one step's inputs become predictions (``qi_register_step_runners``)."""
 
-    def run(self, denoiser: Any, inputs: Mapping[str, DenoiseInput], *, state: Any, step: int,
-            sigma: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
-        """One prediction per side, each shaped like its input's latents."""
+    def run(self, denoiser: Any, inputs: Mapping[Hashable, DenoiseInput], *, state: Any, step: int,
+            sigma: torch.Tensor) -> dict[Hashable, torch.Tensor]:  # fmt: skip
+        """One prediction per input, under its label, shaped like its latents. Labels are any hashable: a
+        call's guidance sides (``"positive"``, ``"negative"``); in a batch (``state.items``, one state per
+        item), ``(item index, side)`` for every item."""
 
 
 AttentionBackend = Callable[

@@ -7,22 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qi_core.errors import RegistrationError, UnavailableNameError, UnknownNameError
+from qi_core.hookspecs import HOOK_KINDS
 
-KINDS = (
-    "encoder",
-    "denoiser",
-    "injector",
-    "scheduler",
-    "memory_policy",
-    "training_task",
-    "adapter",
-    "pipeline",
-    "command",
-    "guider",
-    "sampler",
-    "step_runner",
-    "attention",
-)
+KINDS = tuple(HOOK_KINDS.values())  # one kind of part per registration hook
 
 
 @dataclass

@@ -8,67 +8,30 @@ sizes are read off the weight shapes.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from qi_core.errors import ModelLoadError
+from qi_core.loading import safetensors_header
 
 Shapes = dict[str, tuple[int, ...]]
 
 
 def read_shapes(files: Iterable[Path]) -> Shapes:
-    """Tensor name → shape over all files, read from the safetensors headers (8-byte length + JSON).
+    """Tensor name → shape over all files, read from the safetensors headers.
 
-    Also checks that each file is as long as its header says: an interrupted download leaves a file whose
-    header reads fine but whose tensors end early, and it should fail here, naming the file, not deep in a
-    loader.
+    A file that is not as long as its header says (what an interrupted download leaves) fails here, naming
+    itself (:func:`qi_core.loading.safetensors_header`), not deep in a loader.
     """
     shapes: Shapes = {}
     for f in files:
-        header, end = _header(Path(f))
-        size = Path(f).stat().st_size
-        if end > size:
-            raise ModelLoadError(
-                f"{f} is truncated: its header describes {end} bytes but the file has {size}; the download was "
-                "probably interrupted. Delete the file and download it again"
-            )
+        _, header = safetensors_header(f)
         for k, v in header.items():
             if k != "__metadata__":
                 shapes[k] = tuple(v["shape"])
     return shapes
-
-
-def _header(f: Path) -> tuple[dict[str, Any], int]:
-    """(header, the file size it implies)."""
-    try:
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{len(head)} bytes, shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise ValueError(f"header length {n} is implausible")
-            raw = fh.read(n)
-            if len(raw) < n:
-                raise ValueError(f"the header should be {n} bytes but the file ends after {len(raw)}")
-            header = json.loads(raw)
-        end = 0
-        for k, v in header.items():
-            if k != "__metadata__":
-                end = max(end, int(v["data_offsets"][1]))
-                tuple(v["shape"])
-    except OSError as e:
-        raise ModelLoadError(f"{f} cannot be read: {e}") from None
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, struct.error) as e:
-        raise ModelLoadError(
-            f"{f} is not a readable safetensors file ({e}); if it was downloaded, the download was probably "
-            "interrupted: delete the file and download it again"
-        ) from None
-    return header, 8 + n + end
 
 
 def _any(shapes: Shapes, pattern: str) -> bool:

@@ -21,8 +21,7 @@ import torch
 import qi_core as qi
 from qi_core.composer import cache_dir
 from qi_core.errors import InvalidInputError, PluginError
-from qi_core.loading import Downloader
-from qi_core.loading import ModelConfig as QiModelConfig
+from qi_core.loading import Fetch
 from qi_core.plugin_host import host
 from qi_plugins.diffsynth_compat.config import _POSITIONAL, ModelConfig, default_tokenizer_config
 from qi_plugins.diffsynth_compat.detect import detect_role
@@ -38,13 +37,11 @@ _OWN = ("pipe", "recipe", "_configs")
 
 
 def as_model_config(value: Any) -> ModelConfig:
-    """Ours, qi's, DiffSynth's own dataclass (anything with its fields), or a path string."""
+    """Ours, DiffSynth's own dataclass (anything with its fields), or a path string."""
     if isinstance(value, ModelConfig):
         return value
     if isinstance(value, (str, os.PathLike)):
         return ModelConfig(path=os.fspath(value))
-    if isinstance(value, QiModelConfig):
-        return ModelConfig(**value.model_dump(exclude_defaults=True))
     if hasattr(value, "model_id") and hasattr(value, "path"):
         fields = {k: getattr(value, k) for k in _POSITIONAL if getattr(value, k, None) is not None}
         return ModelConfig(**fields)
@@ -77,7 +74,7 @@ class QwenImagePipeline:
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                         model_configs: Sequence[Any] = (), tokenizer_config: Any = _DEFAULT_TOKENIZER,
                         processor_config: Any = None, vram_limit: float | None = None, *,
-                        recipe: str | None = None, downloader: Downloader | None = None,
+                        recipe: str | None = None, downloader: Fetch | None = None,
                         progress: bool = False) -> QwenImagePipeline:  # fmt: skip
         """Load the models like DiffSynth-Studio does.
 
@@ -95,7 +92,7 @@ class QwenImagePipeline:
             raise InvalidInputError(
                 f"torch_dtype must be a torch.dtype such as torch.bfloat16, got {torch_dtype!r}"
             )
-        if isinstance(model_configs, (ModelConfig, QiModelConfig, str)):
+        if isinstance(model_configs, (ModelConfig, str)):
             model_configs = [model_configs]
         configs = [as_model_config(c) for c in model_configs]
         if not configs:

@@ -136,3 +136,39 @@ def as_flag_error(e: InvalidInputError) -> InvalidInputError:
     text = flag(name) + str(e)[len(name) :]
     text = text.replace(f" — {name}: ", f" — {flag(name)}: ")
     return type(e)(text)
+
+
+def flag_tables(recipes: list[Any]) -> str:
+    """Markdown for docs/cli.md: the flags of the first recipe (type, default, description), then for each
+    other recipe the flags it adds to those."""
+    from qi_core.composer import describe
+
+    specs = {
+        r.name: [s for s in describe(r)["parameters"] if s["name"] not in HANDLED_ELSEWHERE] for r in recipes
+    }
+    base, *rest = recipes
+
+    def named(s: dict[str, Any]) -> str:
+        short = (s.get("shorthand") or {}).get("flag")
+        others = [*ALIASES.get(s["name"], ()), *([flag(short)] if short else [])]
+        return " ".join(f"`{f}`" for f in (flag(s["name"]), *others))
+
+    rows = ["| flag | type | default | meaning |", "|---|---|---|---|"]
+    for s in specs[base.name]:
+        kind = s["kind"] or _kind_of(_schema(s)) or "any"
+        rows.append(f"| {named(s)} | {kind} | `{s['default']}` | {s['description']} |")
+    known = {s["name"] for s in specs[base.name]}
+
+    rows += ["", "| pipeline | its own flags |", "|---|---|"]
+    for r in rest:
+        extra = [named(s) for s in specs[r.name] if s["name"] not in known]
+        rows.append(f"| `{r.name}` | {', '.join(extra) or '—'} |")
+    return "\n".join(rows) + "\n"
+
+
+def docs_tables() -> str:
+    """:func:`flag_tables` of every registered pipeline, the default one first (what docs/cli.md shows)."""
+    import qi_core as qi
+
+    recipes = sorted(qi.pipelines(), key=lambda r: (r.name != "qwen-image", r.name))
+    return flag_tables(recipes)

@@ -163,6 +163,10 @@ class LoRA(Adapter):
                 f"LoRA target {self.target!r} is not a component of pipeline {pipe.name!r} "
                 f"(components: {', '.join(pipe.components)})"
             )
+        if self._weights is None:  # a hub id is served from the pipeline's local hub when it has one
+            from qi_core.composer import model_hub
+
+            self._weights = read_lora(resolve_source(self.source, model_hub(pipe)))
         model = torch_module(pipe.components[self.target], self.target)
         plan = self._plan(model)
         dtype = getattr(pipe, "dtype", None)
@@ -259,10 +263,10 @@ class LoRA(Adapter):
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def resolve_source(source: Any) -> Any:
-    """A local path stays; ``ORG/NAME`` or ``ORG/NAME:file.safetensors`` (``hf:`` for Hugging Face) is fetched.
-
-    Without a file name, ``model.safetensors`` (the file of DiffSynth-Studio's LoRA repositories) is taken.
+def resolve_source(source: Any, hub: Path | None = None) -> Any:
+    """A local path stays; ``ORG/NAME`` or ``ORG/NAME:file.safetensors`` (``hf:`` for Hugging Face) is fetched
+    (from the local hub ``hub`` when given). Without a file name, ``model.safetensors`` (the file of
+    DiffSynth-Studio's LoRA repositories) is taken.
     """
     if not isinstance(source, str) or Path(source).expanduser().exists():
         return source
@@ -273,7 +277,7 @@ def resolve_source(source: Any) -> Any:
     repo, _, file = source[len(prefix) :].partition(":")
     if not looks_like_hub_id(repo) or repo.endswith(".safetensors"):
         return source  # a missing local file: read_lora names it
-    return fetch_file(prefix + repo, file or "model.safetensors")
+    return fetch_file(prefix + repo, file or "model.safetensors", hub=hub)
 
 
 def _default_name(source: Any) -> str:

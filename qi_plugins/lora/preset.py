@@ -13,18 +13,17 @@ from qi_core.errors import InvalidInputError, MissingComponentError
 from qi_core.protocols import Adapter
 
 
-def fetch_file(model_id: str, file: str, downloader: Any = None) -> Path:
-    """One file of a hub repository (``ORG/NAME``, ``hf:ORG/NAME``, or a local folder), downloaded once."""
-    from qi_core.loading import download_source, get_downloader, resolve_model_root
-
-    source = {"hf:": "huggingface", "ms:": "modelscope"}.get(model_id[:3], download_source())
+def fetch_file(model_id: str, file: str, downloader: Any = None, hub: Path | None = None) -> Path:
+    """One file of a hub repository (``ORG/NAME``, ``hf:ORG/NAME``, or a local folder), downloaded once;
+    ``hub``: a local hub serving it instead (:func:`qi_core.composer.model_hub`)."""
+    from qi_core.loading import fetcher, resolve_model_root, split_source
 
     def fetch(repo: str, local_dir: Path, patterns: list[str]) -> None:
         if (Path(local_dir) / file).is_file():  # already there: no hub call, works offline
             return
-        (downloader or get_downloader(source))(repo, local_dir, patterns)
+        (downloader or fetcher(split_source(model_id)[0]))(repo, local_dir, patterns)
 
-    path = resolve_model_root(model_id, [], downloader=fetch, patterns=[file]) / file
+    path = resolve_model_root(model_id, [], downloader=fetch, patterns=[file], hub=hub) / file
     if not path.is_file():
         raise MissingComponentError(f"{file} was not found in {model_id} (looked for {path})")
     return path
@@ -63,6 +62,8 @@ class PresetLoRA(Adapter):
         return self.steps if self.steps is not None else self.default_steps
 
     def source(self, pipe: Any, steps: int) -> Any:
+        from qi_core.composer import model_hub
+
         if self.lora is not None:
             return self.lora
         if self.steps_choices and steps not in self.steps_choices and self.file_override is None:
@@ -73,7 +74,7 @@ class PresetLoRA(Adapter):
         model_id, file = self.hub_file(pipe, steps)
         model_id = self.model_id_override or model_id
         file = (self.file_override or file).format(steps=steps)
-        return fetch_file(model_id, file, self.downloader)
+        return fetch_file(model_id, file, self.downloader, model_hub(pipe))
 
     def apply(self, pipe: Any) -> None:
         from qi_core.composer import get_scheduler

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qi_core.loading import StoredTensor
+from qi_plugins.memory.safetensors_io import StoredTensor, read_tensor, safetensors_index
 from qi_plugins.memory.streaming import find_layers
 
 
@@ -50,8 +50,6 @@ class LazyLayers:
         file reads into fresh memory (nothing of the file stays mapped while a model is being converted)."""
         from safetensors import safe_open
 
-        from qi_core.loading import read_tensor
-
         order = sorted(keys, key=lambda k: (str(self.where[k].file), self.where[k].start))
         for f in dict.fromkeys(self.where[k].file for k in order):
             opened = safe_open(str(f), "pt") if mapped else open(f, "rb")  # noqa: SIM115
@@ -75,7 +73,7 @@ class LazyLayers:
 def read_lazily(build: Callable[[], nn.Module], files: list[Path], dtype: Any, what: str) -> LazyRead | None:
     """The module with everything but its repeated layers read from ``files``, and the reader of those layers.
     None: nothing repeated (the default loader reads it whole)."""
-    from qi_core.loading import check_state_dict, safetensors_index
+    from qi_core.loading import check_state_dict
 
     with torch.device("meta"):
         module = build()

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from qi_core.errors import InvalidInputError
-from qi_core.protocols import DenoiseInput, ImageSegment
+from qi_core.protocols import DenoiseInput, ImageSegment, TextSegment
 from qi_plugins.qwen_image import kernels
 
 
@@ -129,9 +129,12 @@ class Attention(nn.Module):
         k = torch.cat([rope(self.norm_added_k(heads(self.add_k_proj, txt)), rope_txt),
                        rope(self.norm_k(heads(self.to_k, img)), rope_img)], dim=1)  # fmt: skip
         v = torch.cat([heads(self.add_v_proj, txt), heads(self.to_v, img)], dim=1)
-        q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
-        out = self.attend(q, k, v, mask)
-        out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
+        if isinstance(mask, RowAttention):  # a stacked batch: each row over its own tokens
+            out = mask(self.attend, q, k, v)
+        else:
+            q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
+            out = self.attend(q, k, v, mask)
+            out = rearrange(out, "B H S D -> B S (H D)").to(q.dtype)
         L = txt.shape[1]
         img_out = kernels.linear(self.to_out[0], out[:, L:].contiguous())
         return img_out, kernels.linear(self.to_add_out, out[:, :L].contiguous())
@@ -226,7 +229,7 @@ def _select(mod: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor
     """Per-token modulation: (K, B, 6·dim) and token indices (B, N) → six (B, N or 1, dim) tensors."""
     if index is None:
         return mod[0][:, None].chunk(6, dim=-1)
-    per_token = rearrange(mod, "K B E -> B K E")
+    per_token = rearrange(mod, "K B E -> B K E").expand(index.shape[0], -1, -1)  # B = 1: shared by every row
     per_token = torch.gather(per_token, 1, index[..., None].expand(-1, -1, per_token.shape[-1]))
     return per_token.chunk(6, dim=-1)
 
@@ -335,14 +338,23 @@ class QwenImageDiT(nn.Module):
     def forward(self, inp: DenoiseInput) -> torch.Tensor:
         return self.forward_many([inp])[0]
 
-    def forward_many(self, inputs: list[DenoiseInput]) -> list[torch.Tensor]:
+    def forward_many(self, inputs: list[DenoiseInput], *, stack: bool = False) -> list[torch.Tensor]:
         """Several independent inputs (the CFG sides) block by block: each block runs for all of them before
         the next one, so a streamed block moves once per step, and each input's maths is exactly its own
-        forward."""
-        states = [self._enter(inp) for inp in inputs]
+        forward. With ``stack``, inputs that agree in everything but their text (:func:`layout`) go through as
+        one batch along B (:meth:`_enter_stacked`), each result its own forward up to the rounding of matrix
+        kernels that depend on the number of rows (none in the CPU tests)."""
+        groups = _groups(inputs) if stack else [[k] for k in range(len(inputs))]
+        entered = [
+            self._enter_stacked([inputs[k] for k in g])
+            if len(g) > 1
+            else (inputs[g[0]], self._enter(inputs[g[0]]))
+            for g in groups
+        ]
+        batch, states = [b for b, _ in entered], [s for _, s in entered]
         checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer_blocks):
-            for s, inp in zip(states, inputs, strict=True):
+            for s, inp in zip(states, batch, strict=True):
                 args = (s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
                 if checkpoint:
                     img, txt = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
@@ -351,7 +363,13 @@ class QwenImageDiT(nn.Module):
                 for hook in inp.block_hooks:
                     img = hook(i, img, txt)
                 s["img"], s["txt"] = img, txt
-        return [self._exit(s) for s in states]
+        out: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
+        for g, s in zip(groups, states, strict=True):
+            result = self._exit(s)
+            parts = result.split([inputs[k].latents.shape[0] for k in g]) if len(g) > 1 else [result]
+            for k, part in zip(g, parts, strict=True):
+                out[k] = part
+        return out
 
     def _enter(self, inp: DenoiseInput) -> dict:
         """Tokens, embeddings, RoPE tables and masks of one input."""
@@ -374,15 +392,10 @@ class QwenImageDiT(nn.Module):
 
         # text: each segment is normalised and projected on its own, then joined
         txt = torch.cat([self.txt_in(self.txt_norm(s.emb.to(dtype))) for s in inp.text], dim=1)
-        masks = [
-            s.mask.to(device=img.device, dtype=torch.bool)
-            if s.mask is not None
-            else torch.ones(s.emb.shape[:2], dtype=torch.bool, device=img.device)
-            for s in inp.text
-        ]
-        txt_mask = torch.cat(masks, dim=1)
+        txt_mask = torch.cat([_keep(s, img.device) for s in inp.text], dim=1)
 
-        temb = self.timestep_embedding(inp, B, img.device)
+        # one timestep for every row (a stacked batch): embedded and modulated as one row alone, broadcast
+        temb = self.timestep_embedding(inp, 1 if inp.timestep.numel() == 1 else B, img.device)
         mod_index = torch.cat(mod_ids).to(img.device)
         mod_index = mod_index[None].expand(B, -1) if bool(mod_index.any()) else None
         mods = self._precomputed(inp, temb) or [None] * len(self.transformer_blocks)
@@ -392,6 +405,24 @@ class QwenImageDiT(nn.Module):
             "mask": self.joint_mask(txt_mask, img.shape[1], inp.attention_mask, img.dtype),
             "n_target": n_target, "hw": (h, w), "frames": Fr,
         }  # fmt: skip
+
+    def _enter_stacked(self, inputs: list[DenoiseInput]) -> tuple[DenoiseInput, dict]:
+        """One input and state for inputs of one :func:`layout`, their rows stacked along B: text right-padded
+        to the longest (mask False), block hooks on their own rows, attention row by row over each row's own
+        tokens with its own mask (:class:`RowAttention`). Every operation is row-wise, so each row computes
+        what it would alone (padded, masked attention would not: its sums run over other lengths)."""
+        stacked, positions = _stack(inputs)
+        s = self._enter(stacked)
+        n_img, L, dev = s["img"].shape[1], s["txt"].shape[1], s["img"].device
+        rows, at = [], 0
+        for inp, pos in zip(inputs, positions, strict=True):
+            r = inp.latents.shape[0] // inp.target_frames
+            keep = torch.cat([_keep(t, dev) for t in inp.text], dim=1)
+            mask = self.joint_mask(keep, n_img, inp.attention_mask, s["img"].dtype)
+            rows.append((at, r, torch.cat([pos, L + torch.arange(n_img)]).to(dev), mask))
+            at += r
+        s["mask"] = RowAttention(rows)
+        return stacked, s
 
     def _exit(self, s: dict) -> torch.Tensor:
         out = self.proj_out(self.norm_out(s["img"][:, : s["n_target"]], s["temb"][0]))
@@ -420,16 +451,17 @@ class QwenImageDiT(nn.Module):
     def timestep_embeddings(
         self, inputs: list[DenoiseInput], timesteps: torch.Tensor
     ) -> dict[tuple, torch.Tensor]:
-        """The timestep embedding (K, B, dim) of each input at each of ``timesteps``, keyed as the forward
-        looks precomputed modulation up (the CFG sides share theirs)."""
+        """The timestep embedding (K, 1, dim) of each input at each of ``timesteps`` (one timestep for every
+        row: the forward embeds it once), keyed as the forward looks precomputed modulation up (the CFG sides
+        and the items of a batch share theirs)."""
         out: dict[tuple, torch.Tensor] = {}
+        device = self.img_in.weight.device
         for inp in inputs:
-            B, device = inp.latents.shape[0] // inp.target_frames, self.img_in.weight.device
             for t in timesteps.reshape(-1):
                 step = replace(inp, timestep=t.reshape(1).to(inp.timestep.dtype))
-                key = self._modulation_key(step, B)
+                key = self._modulation_key(step, 1)
                 if key not in out:
-                    out[key] = self.timestep_embedding(step, B, device)
+                    out[key] = self.timestep_embedding(step, 1, device)
         return out
 
     @contextmanager
@@ -466,3 +498,103 @@ class QwenImageDiT(nn.Module):
         keep = torch.cat([txt_mask, torch.ones_like(txt_mask[:, :1]).expand(-1, n_img)], dim=1)
         pad = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
         return extra.to(dtype) + pad[:, None, None, :]
+
+
+# -- stacking (batches) ------------------------------------------------------------------------------------
+def layout(inp: DenoiseInput) -> tuple:
+    """What inputs must share to be stacked: sizes, one timestep, modulation, image segments, text RoPE
+    offsets. Text lengths, attention masks and block hooks may differ (``QwenImageDiT._enter_stacked``)."""
+    segs = tuple((tuple(s.latents.shape[1:]), s.frame, s.modulation, s.rope_from_target) for s in inp.images)
+    one_t = float(inp.timestep.reshape(-1)[0]) if inp.timestep.numel() == 1 else id(inp)
+    size = (tuple(inp.latents.shape[1:]), inp.latents.dtype, inp.target_frames)
+    return (*size, one_t, tuple(inp.extra_timesteps), segs, tuple(s.rope_offset for s in inp.text))
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return bool(a == b)
+    except (RuntimeError, ValueError):  # tensors of several elements: only the same object is the same
+        return a is b
+
+
+def _groups(inputs: list[DenoiseInput]) -> list[list[int]]:
+    """Indices of ``inputs`` grouped by :func:`layout` and equal ``extras``, in order of first appearance."""
+    groups: list[tuple[tuple, dict, list[int]]] = []
+    for k, inp in enumerate(inputs):
+        key = layout(inp)
+        group = next((g for g in groups if g[0] == key and _same(g[1], inp.extras)), None)
+        if group is None:
+            groups.append((key, inp.extras, [k]))
+        else:
+            group[2].append(k)
+    return [g[2] for g in groups]
+
+
+def _stack(inputs: list[DenoiseInput]) -> tuple[DenoiseInput, list[torch.Tensor]]:
+    """The rows of ``inputs`` (one :func:`layout`) as one input, each text segment right-padded to the longest
+    (mask False; real tokens keep their RoPE positions), no attention mask (see :class:`RowAttention`), block
+    hooks applied per row; and each input's text token positions in the padded text."""
+    first, rows = inputs[0], [x.latents.shape[0] // x.target_frames for x in inputs]
+    longest = [max(x.text[j].emb.shape[1] for x in inputs) for j in range(len(first.text))]
+    text = []
+    for j, n in enumerate(longest):
+        segs = [x.text[j] for x in inputs]
+        emb = [F.pad(t.emb, (0, 0, 0, n - t.emb.shape[1])) for t in segs]
+        keep = [F.pad(_keep(t, t.emb.device), (0, n - t.emb.shape[1])) for t in segs]
+        text.append(TextSegment(torch.cat(emb), torch.cat(keep), segs[0].rope_offset))
+    starts = [sum(longest[:j]) for j in range(len(longest))]
+    positions = [
+        torch.cat([a + torch.arange(t.emb.shape[1]) for a, t in zip(starts, x.text, strict=True)])
+        for x in inputs
+    ]
+    images = [
+        replace(seg, latents=torch.cat([x.images[j].latents for x in inputs]))
+        for j, seg in enumerate(first.images)
+    ]
+    hooks = [x.block_hooks for x in inputs]
+    hooks = [RowHooks(rows, hooks)] if any(hooks) else []
+    stacked = replace(first, latents=torch.cat([x.latents for x in inputs]), text=text, images=images,
+                      attention_mask=None, block_hooks=hooks)  # fmt: skip
+    return stacked, positions
+
+
+def _keep(seg: TextSegment, device: torch.device) -> torch.Tensor:
+    """A text segment's keep-mask (B, L), bool: its mask, or every token."""
+    if seg.mask is None:
+        return torch.ones(seg.emb.shape[:2], dtype=torch.bool, device=device)
+    return seg.mask.to(device=device, dtype=torch.bool)
+
+
+class RowAttention:
+    """The attention of a stacked batch, given in place of its mask: ``rows`` = (first row, rows, positions of
+    their tokens in the joint sequence, their own mask) per stacked input. Each input's rows attend over their
+    own tokens only, with the backend and mask they would have alone, so they compute exactly that (one
+    padded, masked attention differs from it by float32 rounding); padding tokens get 0."""
+
+    def __init__(self, rows: list[tuple[int, int, torch.Tensor, torch.Tensor | None]]):
+        self.rows = rows
+
+    def __call__(self, attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(B, S, H, D) each → (B, S, H·D)."""
+        out = q.new_zeros(*q.shape[:2], q.shape[2] * q.shape[3])
+        for at, r, idx, mask in self.rows:
+            own = [rearrange(x[at : at + r, idx], "B S H D -> B H S D") for x in (q, k, v)]
+            out[at : at + r, idx] = rearrange(attend(*own, mask), "B H S D -> B S (H D)").to(q.dtype)
+        return out
+
+
+class RowHooks:
+    """The block hooks of a stacked input: each input's hooks on its own rows (``txt``: theirs, padded)."""
+
+    def __init__(self, rows: list[int], hooks: list[list]):
+        self.rows, self.hooks = rows, hooks
+
+    def __call__(self, index: int, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+        out, at = [], 0
+        for r, hooks in zip(self.rows, self.hooks, strict=True):
+            x = img[at : at + r]
+            for hook in hooks:
+                x = hook(index, x, txt[at : at + r])
+            out.append(x)
+            at += r
+        return torch.cat(out)

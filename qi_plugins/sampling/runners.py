@@ -1,8 +1,8 @@
-"""Step runners: how one step's per-side :class:`~qi_core.protocols.DenoiseInput` s become predictions."""
+"""Step runners: how one step's :class:`~qi_core.protocols.DenoiseInput` s become predictions."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -11,17 +11,21 @@ from qi_core.protocols import DenoiseInput
 
 
 class Batched:
-    """Every side on one device. With ``batch=True`` and a denoiser that has ``forward_many``, the sides go
-    through each layer together (a streamed layer moves once per step); each result equals its own call."""
+    """Every input on one device. With ``batch=True`` and a denoiser that has ``forward_many``, the inputs go
+    through each layer together (a streamed layer moves once per step): a single call's sides each exactly as
+    its own call; a batch's items (``state.items``) stacked along the batch axis, ``forward_many(...,
+    stack=True)``, each equal to its own call up to rounding."""
 
     name = "batched"
 
     def __init__(self, batch: bool = True):
         self.batch = batch
 
-    def run(self, denoiser: Any, inputs: Mapping[str, DenoiseInput], *, state: Any, step: int,
-            sigma: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    def run(self, denoiser: Any, inputs: Mapping[Hashable, DenoiseInput], *, state: Any, step: int,
+            sigma: torch.Tensor) -> dict[Hashable, torch.Tensor]:  # fmt: skip
         many = getattr(denoiser, "forward_many", None)
         if self.batch and len(inputs) > 1 and many is not None:
-            return dict(zip(inputs, many(list(inputs.values())), strict=True))
-        return {side: denoiser(inp) for side, inp in inputs.items()}
+            stack = len(getattr(state, "items", ())) > 1
+            preds = many(list(inputs.values()), stack=True) if stack else many(list(inputs.values()))
+            return dict(zip(inputs, preds, strict=True))
+        return {label: denoiser(inp) for label, inp in inputs.items()}

@@ -23,8 +23,9 @@ from qi_core.hookspecs import hookimpl
 from qi_core.plugin_host import lazy_attributes
 
 QI_HOOK_API = 1
-# trainable LoRAs and LoRA files through the LoRA plugin; fp8 storage with the memory plugin's quantiser
-QI_REQUIRES = ("lora", "memory")
+# trainable LoRAs and LoRA files through the LoRA plugin; fp8 storage with the memory plugin's quantiser;
+# ORG/NAME:pattern sources as DiffSynth's ModelConfig
+QI_REQUIRES = ("lora", "memory", "diffsynth_compat")
 _T = "qi_plugins.sft.tasks"
 
 _LAZY = {

@@ -38,7 +38,7 @@ def as_module(component: Any, role: str = "component") -> nn.Module:
 def model_sources(args: TrainArgs, recipe: Any) -> tuple[Any, dict[str, Any], dict[str, str]]:
     """``(model root, {role: folder or files}, {model string: role})`` from ``--model``, ``--model_paths``
     and ``--model_id_with_origin_paths``."""
-    from qi_core.loading import ModelConfig
+    from qi_plugins.diffsynth_compat.config import ModelConfig
 
     by_folder = {c.subfolder: r for r, c in recipe.components.items() if c.subfolder}
     overrides: dict[str, Any] = {}

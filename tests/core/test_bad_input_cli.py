@@ -20,7 +20,8 @@ from qi_core.atomic import atomic_file, atomic_folder
 from qi_core.cli import main
 from qi_core.devices import check_seed
 from qi_core.errors import ModelLoadError
-from qi_core.loading import check_safetensors, read_state_dict, safetensors_index
+from qi_core.loading import check_safetensors, read_state_dict
+from qi_plugins.memory.safetensors_io import safetensors_index
 
 TINY = ["--steps", "1", "--height", "64", "--width", "64", "--seed", "0"]
 

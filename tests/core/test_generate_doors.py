@@ -184,3 +184,13 @@ def test_output_names(tmp_path):
     assert [p.name for p in output_paths(str(tmp_path / "o.webp"), items, (".webp",))][-1] == "o_2.webp"
     with pytest.raises(qi.errors.OutputPathError, match="same name to several images"):
         output_paths(str(tmp_path / "{prompt}.png"), items, (".png",))
+
+
+def test_docs_show_the_generated_flags():
+    from pathlib import Path
+
+    from qi_plugins.doors.flags import docs_tables
+
+    text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    shown = text.split("<!-- flags:begin -->\n", 1)[1].split("<!-- flags:end -->", 1)[0]
+    assert shown == docs_tables(), "regenerate the table in docs/cli.md (see the command above it)"

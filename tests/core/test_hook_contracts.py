@@ -117,7 +117,7 @@ def good_args(kind: str, part: str) -> tuple[tuple, dict]:
         return (part, lambda parser: parser.set_defaults(func=lambda args: 0)), {
             "aliases": (part + "-alias",)
         }
-    extra = {"role": "contract_slot"} if kind == "encoder" else {}
+    extra = {"encoder": {"role": "contract_slot"}, "source": {"prefixes": ("contract:",)}}.get(kind, {})
     return (part, "qi_core.recipe:Recipe"), {"aliases": (part + "-alias",), **extra}
 
 
@@ -140,6 +140,8 @@ def test_each_hook_registers_into_its_kind(name):
             assert reg.get(kind, part + "-alias").name == part
         if kind == "encoder":
             assert reg.get(kind, part).meta == {"role": "contract_slot"}
+        if kind == "source":
+            assert reg.get(kind, part).meta == {"prefixes": ("contract:",)}
     finally:
         plugins_mod.reset()
 
@@ -286,6 +288,31 @@ def fresh():
     plugins_mod.reset()
     yield
     plugins_mod.reset()
+
+
+def test_a_command_configure_may_take_argv(fresh):
+    """As docs/hooks.md says: ``configure(parser, argv=)`` gets the command's own arguments when it is the one
+    being run, else None."""
+    from qi_core.cli import main
+
+    seen = []
+
+    def configure(parser, argv=None):
+        seen.append(argv)
+        parser.add_argument("word", nargs="?")
+        parser.set_defaults(func=lambda args: 0)
+
+    qi.register("command", "argv-echo", configure)
+    assert main(["argv-echo", "hi"]) == 0 and seen[-1] == ["hi"]
+    assert main(["pipelines"]) == 0 and seen[-1] is None
+    commands = DOCS[DOCS.index("## qi_register_commands") : DOCS.index("## The denoising loop")]
+    assert "argv=" in commands
+
+
+def test_the_sources_section_says_how_a_source_is_chosen():
+    sources = DOCS[DOCS.index("## qi_register_sources") : DOCS.index("## Runtime protocols")]
+    for word in "prefixes QI_DOWNLOAD_SOURCE DIFFSYNTH_DOWNLOAD_SOURCE modelscope DownloadError".split():
+        assert word in sources, word
 
 
 def test_api_version_is_declared_by_first_party_plugins():

@@ -1,4 +1,5 @@
-"""Model resolution: local folders, hub ids through a (fake) downloader, sharded weights, ModelConfig."""
+"""Model resolution: local folders, hub ids through registered sources (faked) or a local hub, sharded weights,
+component values with ``resolve()`` (DiffSynth's ModelConfig)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from conftest import GOLDEN_MODEL
 from safetensors.torch import load_file, save_file
 
 import qi_core as qi
+from qi_core import plugin_host
 from qi_core.errors import DownloadError, MissingComponentError
-from qi_core.loading import ModelConfig, get_downloader, resolve_model_root, weight_files
+from qi_core.loading import component_source, fetcher, resolve_model_root, weight_files
+from qi_plugins.diffsynth_compat import ModelConfig
 
 
 class FakeHub:
@@ -52,19 +55,51 @@ def test_compose_from_a_hub_id_downloads_only_needed_folders(tmp_path, monkeypat
 
 def test_hub_prefixes_pick_the_source(tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setitem(qi_loading().DOWNLOADERS, "huggingface", lambda m, d, p: seen.setdefault("hf", m))
-    monkeypatch.setitem(qi_loading().DOWNLOADERS, "modelscope", lambda m, d, p: seen.setdefault("ms", m))
+    reg = plugin_host.host().registry
+    monkeypatch.setattr(reg.get("source", "huggingface"), "obj", lambda m, d, p: seen.setdefault("hf", m))
+    monkeypatch.setattr(reg.get("source", "modelscope"), "obj", lambda m, d, p: seen.setdefault("ms", m))
+    monkeypatch.delenv("QI_DOWNLOAD_SOURCE", raising=False)
+    monkeypatch.delenv("DIFFSYNTH_DOWNLOAD_SOURCE", raising=False)
     resolve_model_root("hf:Qwen/Qwen-Image", ["transformer"], cache_dir=tmp_path)
     resolve_model_root("Qwen/Qwen-Image-2512", ["transformer"], cache_dir=tmp_path)
     assert seen == {"hf": "Qwen/Qwen-Image", "ms": "Qwen/Qwen-Image-2512"}
-    with pytest.raises(DownloadError, match="unknown download source 'ftp'"):
-        get_downloader("ftp")
+    with pytest.raises(DownloadError, match=r"unknown download source 'ftp'; use one of \['huggingface'"):
+        fetcher("ftp")
 
 
-def qi_loading():
-    import qi_core.loading as m
+def test_a_plugin_source_with_its_prefix_and_as_the_default(fresh_host, tmp_path, monkeypatch):
+    calls = []
+    qi.register("source", "mirror", lambda m, d, p: calls.append((m, d, p)), prefixes=("mirror:",))
+    root = resolve_model_root("mirror:Org/Model", ["vae"], cache_dir=tmp_path)
+    assert root == tmp_path / "Org/Model" and calls == [("Org/Model", root, ["model_index.json", "vae/*"])]
+    monkeypatch.setenv("QI_DOWNLOAD_SOURCE", "mirror")
+    resolve_model_root("Org/Other", [], cache_dir=tmp_path, patterns=["a.safetensors"])
+    assert calls[-1] == ("Org/Other", tmp_path / "Org/Other", ["a.safetensors"])
 
-    return m
+
+def test_without_a_source_plugin_only_hub_ids_fail(fresh_host, tmp_path, monkeypatch):
+    monkeypatch.setenv(plugin_host.DISABLE_ENV, "hub")
+    plugin_host.reset()
+    with pytest.raises(DownloadError, match="no model source is registered .* enable the 'hub' plugin"):
+        resolve_model_root("Qwen/Qwen-Image", ["vae"], cache_dir=tmp_path)
+    assert resolve_model_root(GOLDEN_MODEL, ["vae"]) == GOLDEN_MODEL
+    hub = tmp_path / "hub"
+    (hub / "Org/Model").mkdir(parents=True)
+    assert resolve_model_root("Org/Model", ["vae"], hub=hub) == hub / "Org/Model"  # served, nothing fetched
+    with pytest.raises(MissingComponentError, match="'Org/Missing' is not in the local hub"):
+        resolve_model_root("Org/Missing", ["vae"], hub=hub)
+
+
+def test_a_component_value_with_resolve_gives_its_files():
+    vae = GOLDEN_MODEL / "vae" / "diffusion_pytorch_model.safetensors"
+
+    class Files:
+        def resolve(self):
+            return [str(vae)]
+
+    assert component_source(Files()) == vae
+    assert component_source([Files(), vae]) == [vae, vae]
+    assert component_source(vae.parent) == vae.parent  # a path's own resolve() is not called
 
 
 def test_sharded_weights_with_index(tmp_path):

@@ -72,7 +72,11 @@ def test_recipe_defaults_and_required_inputs_show(listing):
     [
         ({"cfg_scale": float("nan")}, "cfg_scale must be a finite number, got nan"),
         ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number"),
-        ({"prompt": ["a fox", "a cat"]}, "prompt must be a valid string, got ['a fox', 'a cat']"),
+        (
+            {"prompt": ["a fox", 3]},
+            "prompt must be a string or a non-empty list of strings, got ['a fox', 3]",
+        ),
+        ({"rand_device": ["cpu"]}, "rand_device must be a valid string, got ['cpu']"),
         ({"seed": -1}, "seed must be greater than or equal to 0"),
         ({"num_inference_steps": True}, "num_inference_steps must be a number, not True/False"),
         ({"tiled": "yes"}, "tiled must be True or False"),
@@ -106,9 +110,18 @@ def test_wrong_size_mask_is_an_error(pipe):
              progress_bar_cmd=lambda x: x)  # fmt: skip
 
 
-def test_list_prompt_is_refused_by_the_pipeline(pipe):
-    with pytest.raises(InvalidInputError, match="prompt must be a valid string"):
-        pipe(["a", "b"], height=32, width=32, num_inference_steps=1)
+def test_list_prompt_is_a_batch_other_lists_are_refused(pipe):
+    small = dict(
+        height=32, width=32, num_inference_steps=1, output_type="latent", progress_bar_cmd=lambda x: x
+    )
+    out = pipe(["a", "b c d"], seed=0, **small)
+    assert isinstance(out, list) and len(out) == 2  # a list of prompts is a batch (tests/core/test_batch.py)
+    with pytest.raises(InvalidInputError, match="rand_device must be a valid string"):
+        pipe("a", rand_device=["cpu"], **small)
+    with pytest.raises(InvalidInputError, match=r"negative_prompt is a list of 3 for 2 prompt\(s\)"):
+        pipe(["a", "b"], negative_prompt=["x", "y", "z"], **small)
+    with pytest.raises(InvalidInputError, match="prompt must be a string or a non-empty list of strings"):
+        pipe([], **small)
 
 
 def test_required_input_is_named():

@@ -1,4 +1,4 @@
-"""qi_core.loading's header index and unmapped tensor reads against the safetensors library."""
+"""The memory plugin's header index and unmapped tensor reads against the safetensors library."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qi_core.errors import ModelLoadError
-from qi_core.loading import read_tensor, safetensors_index
+from qi_plugins.memory.safetensors_io import read_tensor, safetensors_index
 
 
 def test_index_and_reads_match_the_library(tmp_path):

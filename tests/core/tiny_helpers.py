@@ -34,7 +34,7 @@ def offline(monkeypatch, tiny_cache_dir):
     """``QI_CACHE_DIR`` in the session folder, every hub client refusing and sockets refusing to connect: a tiny
     model must be built and loaded without any network. An attempt fails the test even if something caught
     the error."""
-    from qi_core import loading
+    from qi_core.plugin_host import host
 
     attempts: list[str] = []
 
@@ -49,8 +49,8 @@ def offline(monkeypatch, tiny_cache_dir):
 
     monkeypatch.setenv("QI_CACHE_DIR", str(tiny_cache_dir))
     monkeypatch.setenv("QI_MODEL_DIR", str(tiny_cache_dir / "downloads"))  # never ./models, should one slip
-    for source in list(loading.DOWNLOADERS):
-        monkeypatch.setitem(loading.DOWNLOADERS, source, refuse_download)
+    for source in host().registry.entries("source"):
+        monkeypatch.setattr(source, "obj", refuse_download)
     monkeypatch.setattr(socket.socket, "connect", refuse_connect)
     monkeypatch.setattr(socket, "create_connection", refuse_connect)
     yield

@@ -180,7 +180,7 @@ def test_a_truncated_file_names_itself_and_says_to_download_it_again(env, cut):
     bad.parent.mkdir()
     bad.write_bytes(whole[: len(whole) - 100] if cut == "data" else whole[: 8 + n // 2])
     with pytest.raises(
-        ModelLoadError, match=rf"{re.escape(str(bad))}.*(truncated|interrupted).*download it again"
+        ModelLoadError, match=rf"{re.escape(str(bad))}.*(truncated|interrupted).*download the model again"
     ):
         load(DIT, TE, ModelConfig(path=str(bad)))
 
@@ -255,7 +255,7 @@ def test_default_models_folder_is_dot_models(env, monkeypatch):
 
 
 def test_missing_files_download_from_the_source_the_env_names(tmp_path, monkeypatch):
-    import qi_core.loading as loading
+    from qi_core.plugin_host import host
 
     calls = []
     hub = make_models_dir(tmp_path / "hub", LAYOUT)
@@ -267,7 +267,7 @@ def test_missing_files_download_from_the_source_the_env_names(tmp_path, monkeypa
                 local_dir.mkdir(parents=True, exist_ok=True)
                 os.symlink(entry.resolve(), local_dir / entry.name)
 
-    monkeypatch.setitem(loading.DOWNLOADERS, "huggingface", fake_hub)
+    monkeypatch.setattr(host().registry.get("source", "huggingface"), "obj", fake_hub)
     monkeypatch.setenv("DIFFSYNTH_DOWNLOAD_SOURCE", "huggingface")
     monkeypatch.setenv("DIFFSYNTH_MODEL_BASE_PATH", str(tmp_path / "models"))
     monkeypatch.setenv("QI_CACHE_DIR", str(tmp_path / "cache"))

@@ -10,7 +10,7 @@ from conftest import GOLDEN_MODEL
 from safetensors.torch import save_file
 
 import qi_core as qi
-from qi_core import loading
+from qi_core import plugin_host
 from qi_core.errors import WeightMismatchError
 from qi_plugins.distill.parts import DistillLoRA, dit_weights
 
@@ -40,7 +40,7 @@ def test_distill_lora_recipe_and_adapter(tmp_path, monkeypatch):
         save_file(distill_lora(), local_dir / patterns[0])
 
     monkeypatch.setenv("QI_MODEL_DIR", str(tmp_path))
-    monkeypatch.setitem(loading.DOWNLOADERS, "modelscope", fake)
+    monkeypatch.setattr(plugin_host.host().registry.get("source", "modelscope"), "obj", fake)
     pipe = qi.compose("qwen-image-distill-lora", model=GOLDEN_MODEL, progress=False)
     assert calls == [("DiffSynth-Studio/Qwen-Image-Distill-LoRA", ["model.safetensors"])]
     assert pipe.scheduler.name == "qwen-image"  # Distill-LoRA keeps the Qwen-Image schedule

@@ -10,7 +10,7 @@ from conftest import GOLDEN_MODEL, golden_case
 from safetensors.torch import save_file
 
 import qi_core as qi
-from qi_core import loading, plugin_host
+from qi_core import plugin_host
 from qi_core.errors import InvalidInputError, PluginError
 from qi_core.recipe import Component, Recipe
 from qi_plugins.lightning import BorrowedComponents
@@ -93,7 +93,7 @@ def test_adapter_by_name_fetches_the_hub_lora(tmp_path, monkeypatch):
             save_file(tiny_lora(), local_dir / patterns[0])
 
     monkeypatch.setenv("QI_MODEL_DIR", str(tmp_path))
-    monkeypatch.setitem(loading.DOWNLOADERS, "modelscope", fake)
+    monkeypatch.setattr(plugin_host.host().registry.get("source", "modelscope"), "obj", fake)
     p = qi.compose("qwen-image", model=GOLDEN_MODEL, progress=False, adapters=["lightning"])
     assert calls == [("lightx2v/Qwen-Image-Lightning", ["Qwen-Image-Lightning-8steps-V1.0.safetensors"])]
     assert [a.name for a in p.adapters] == ["lightning"] and p.defaults["num_inference_steps"] == 8

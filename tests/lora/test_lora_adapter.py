@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from tolerance import TINY_DIT_TERMS, check_float32, check_same_maths, float32_noise, pipeline_terms
 
 import qi_core as qi
-from qi_core import loading
+from qi_core import plugin_host
 from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
 from qi_core.protocols import DenoiseInput, TextSegment
 from qi_plugins.lora import LoRA, load_lora
@@ -239,7 +239,7 @@ def test_hub_source_is_fetched_once(tmp_path, monkeypatch):
         save_file(lo, local_dir / patterns[0])
 
     monkeypatch.setenv("QI_MODEL_DIR", str(tmp_path))
-    monkeypatch.setitem(loading.DOWNLOADERS, "modelscope", fake)
+    monkeypatch.setattr(plugin_host.host().registry.get("source", "modelscope"), "obj", fake)
     for _ in range(2):
         lora = LoRA("Org/Some-LoRA")
         assert lora.name == "Some-LoRA" and len(lora.weights) == 34  # every Linear of the tiny DiT
