@@ -18,30 +18,28 @@ QI_HOOK_API = 1
 QI_REQUIRES = ()
 
 
-def modelscope(model_id: str, local_dir: Path, patterns: list[str]) -> None:
+def _download(hub: str, package: str, what: str, call) -> None:
+    """Run ``call(snapshot_download)`` with the hub client's ``snapshot_download``; typed errors otherwise."""
+    import importlib
+
     try:
-        from modelscope import snapshot_download
+        snapshot_download = importlib.import_module(package).snapshot_download
     except ImportError as e:
-        raise DownloadError(
-            "downloading from ModelScope needs the modelscope package: pip install 'qi[hub]'"
-        ) from e
+        raise DownloadError(f"downloading from {hub} needs the {package} package: pip install 'qi[hub]'") from e
     try:
-        snapshot_download(model_id, local_dir=str(local_dir), allow_file_pattern=patterns)
+        call(snapshot_download)
     except Exception as e:
-        raise DownloadError(f"ModelScope download of {model_id!r} ({patterns}) failed: {e}") from e
+        raise DownloadError(f"{hub} download of {what} failed: {e}") from e
+
+
+def modelscope(model_id: str, local_dir: Path, patterns: list[str]) -> None:
+    _download("ModelScope", "modelscope", f"{model_id!r} ({patterns})",
+              lambda get: get(model_id, local_dir=str(local_dir), allow_file_pattern=patterns))  # fmt: skip
 
 
 def huggingface(model_id: str, local_dir: Path, patterns: list[str]) -> None:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise DownloadError(
-            "downloading from Hugging Face needs huggingface_hub: pip install 'qi[hub]'"
-        ) from e
-    try:
-        snapshot_download(model_id, local_dir=str(local_dir), allow_patterns=patterns)
-    except Exception as e:
-        raise DownloadError(f"Hugging Face download of {model_id!r} ({patterns}) failed: {e}") from e
+    _download("Hugging Face", "huggingface_hub", f"{model_id!r} ({patterns})",
+              lambda get: get(model_id, local_dir=str(local_dir), allow_patterns=patterns))  # fmt: skip
 
 
 @hookimpl

@@ -194,3 +194,17 @@ def test_docs_show_the_generated_flags():
     text = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
     shown = text.split("<!-- flags:begin -->\n", 1)[1].split("<!-- flags:end -->", 1)[0]
     assert shown == docs_tables(), "regenerate the table in docs/cli.md (see the command above it)"
+
+
+def test_a_batch_writes_every_item_and_each_reruns_alone(shared, tmp_path):
+    pattern = str(tmp_path / "{i}-{seed}.png")
+    argv = ["generate", "a fox", "a much longer prompt about a cat in the snow", "-n", "2", "--steps", "2", *SIZE,
+            "--seed", "5", "--cfg-scale", "3", "--out", pattern]  # fmt: skip
+    assert main(argv) == 0
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["0-5.png", "1-6.png", "2-5.png", "3-6.png"]
+    assert image_settings(tmp_path / "2-5.png")["prompt"].startswith("a much longer")
+    for name in names:  # each item's record is the single call that reproduces it
+        assert main(["generate", "--from", str(tmp_path / name), "--out", str(tmp_path / "again.png")]) == 0
+        a, b = (np.asarray(Image.open(tmp_path / n)) for n in (name, "again.png"))
+        assert np.array_equal(a, b), name
