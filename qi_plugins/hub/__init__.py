@@ -25,7 +25,9 @@ def _download(hub: str, package: str, what: str, call) -> None:
     try:
         snapshot_download = importlib.import_module(package).snapshot_download
     except ImportError as e:
-        raise DownloadError(f"downloading from {hub} needs the {package} package: pip install 'qi[hub]'") from e
+        raise DownloadError(
+            f"downloading from {hub} needs the {package} package: pip install 'qi[hub]'"
+        ) from e
     try:
         call(snapshot_download)
     except Exception as e:
