@@ -18,8 +18,6 @@ from qi_core.errors import InvalidInputError
 from qi_core.pipeline import timestep_at
 from qi_plugins.sft.encoding import encode_sample
 
-NUM_TRAIN_TIMESTEPS = 1000  # the seed's training grid (scheduler.set_timesteps(1000, training=True))
-
 
 def generators_for(batch: Conditioning, generator: Any) -> list[torch.Generator]:
     """One generator per sample; a single generator is shared (drawn from sample by sample)."""
@@ -53,7 +51,7 @@ class SFT:
     def grid(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sigmas, timesteps, weights) of the training grid, computed once per scheduler."""
         if self._grid is None or self._grid[0] is not pipe.scheduler:
-            self._grid = (pipe.scheduler, pipe.scheduler.training_schedule(NUM_TRAIN_TIMESTEPS))
+            self._grid = (pipe.scheduler, pipe.scheduler.training_schedule())  # its own grid
         return self._grid[1]
 
     def draw(self, pipe: Any, x0: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
