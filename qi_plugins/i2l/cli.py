@@ -70,7 +70,7 @@ def hub_file(name_or_path: str) -> Path:
                 f"--i2l/--bias {name_or_path!r} is neither a file nor one of {', '.join(I2L_FILES)}"
             )
         return path
-    from qi_plugins.lora.preset import fetch_file
+    from qi_plugins.lora.sources import fetch_file
 
     return fetch_file(I2L_REPO, I2L_FILES[name_or_path])
 

@@ -27,6 +27,7 @@ from torch import nn
 from qi_core.errors import InvalidInputError, ModelLoadError, WeightMismatchError
 from qi_core.protocols import Adapter, component_module
 from qi_plugins.lora.formats import LoRAWeight, flatten_name, read_lora
+from qi_plugins.lora.sources import resolve_source
 
 _ids = itertools.count()
 
@@ -263,23 +264,6 @@ class LoRA(Adapter):
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
-def resolve_source(source: Any, hub: Path | None = None) -> Any:
-    """A local path stays; ``ORG/NAME`` or ``ORG/NAME:file.safetensors`` (``hf:`` for Hugging Face) is fetched
-    (from the local hub ``hub`` when given). Without a file name, ``model.safetensors`` (the file of
-    DiffSynth-Studio's LoRA repositories) is taken.
-    """
-    if not isinstance(source, str) or Path(source).expanduser().exists():
-        return source
-    from qi_core.loading import looks_like_hub_id
-    from qi_plugins.lora.preset import fetch_file
-
-    prefix = source[:3] if source[:3] in ("hf:", "ms:") else ""
-    repo, _, file = source[len(prefix) :].partition(":")
-    if not looks_like_hub_id(repo) or repo.endswith(".safetensors"):
-        return source  # a missing local file: read_lora names it
-    return fetch_file(prefix + repo, file or "model.safetensors", hub=hub)
-
-
 def _default_name(source: Any) -> str:
     if isinstance(source, (str, os.PathLike)):
         return Path(os.fspath(source).partition(":")[2] or os.fspath(source)).stem

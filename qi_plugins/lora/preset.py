@@ -6,27 +6,12 @@ their own sigma schedule. A :class:`PresetLoRA` applies all of it and ``remove``
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from qi_core.errors import InvalidInputError, MissingComponentError
+from qi_core.errors import InvalidInputError
 from qi_core.protocols import Adapter
-
-
-def fetch_file(model_id: str, file: str, downloader: Any = None, hub: Path | None = None) -> Path:
-    """One file of a hub repository (``ORG/NAME``, ``hf:ORG/NAME``, or a local folder), downloaded once;
-    ``hub``: a local hub serving it instead (:func:`qi_core.composer.model_hub`)."""
-    from qi_core.loading import fetcher, resolve_model_root, split_source
-
-    def fetch(repo: str, local_dir: Path, patterns: list[str]) -> None:
-        if (Path(local_dir) / file).is_file():  # already there: no hub call, works offline
-            return
-        (downloader or fetcher(split_source(model_id)[0]))(repo, local_dir, patterns)
-
-    path = resolve_model_root(model_id, [], downloader=fetch, patterns=[file], hub=hub) / file
-    if not path.is_file():
-        raise MissingComponentError(f"{file} was not found in {model_id} (looked for {path})")
-    return path
+from qi_plugins.lora.adapter import LoRA
+from qi_plugins.lora.sources import fetch_file
 
 
 class PresetLoRA(Adapter):
@@ -78,7 +63,6 @@ class PresetLoRA(Adapter):
 
     def apply(self, pipe: Any) -> None:
         from qi_core.composer import get_scheduler
-        from qi_plugins.lora.adapter import LoRA
 
         if self._lora is not None:
             raise InvalidInputError(f"adapter {self.name!r} is already applied; remove(pipe) it first")
