@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from qi_core.errors import InvalidInputError
@@ -128,14 +130,25 @@ def call_from_args(args: argparse.Namespace, flags: dict[str, str | None]) -> di
     return call
 
 
-def as_flag_error(e: InvalidInputError) -> InvalidInputError:
-    """An error about a call parameter, reworded with its flag (``--cfg-scale must be …``)."""
+def as_flag_error(e: InvalidInputError, names: Iterable[str] = ()) -> InvalidInputError:
+    """An error about call parameters, reworded with their flags: the parameter it starts with
+    (``--cfg-scale must be …``) and every ``name=value`` fix it suggests (``--width 72``)."""
+    text = str(e)
     name = getattr(e, "param", None)
-    if not name or name in HANDLED_ELSEWHERE or not str(e).startswith(name):
+    first = text.split(" ", 1)[0]
+    if name is None and first in names:
+        name = first
+    if name and name not in HANDLED_ELSEWHERE and text.startswith(name):
+        text = flag(name) + text[len(name) :]
+        text = text.replace(f" — {name}: ", f" — {flag(name)}: ")
+    for n in names:
+        if n not in HANDLED_ELSEWHERE:
+            text = re.sub(rf"\b{n}=(?=[^\s,;)])", f"{flag(n)} ", text)
+    if text == str(e):
         return e
-    text = flag(name) + str(e)[len(name) :]
-    text = text.replace(f" — {name}: ", f" — {flag(name)}: ")
-    return type(e)(text)
+    out = type(e)(text)
+    out.param = getattr(e, "param", None)
+    return out
 
 
 def flag_tables(recipes: list[Any]) -> str:

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         try:  # values against the declarations (e.g. --cfg-scale nan), before loading
             check_call(args.pipeline, call)
         except InvalidInputError as e:
-            raise as_flag_error(e) from None
+            raise as_flag_error(e, args.parameter_flags) from None
     items = [item for call in calls for item in _items(call, int(call["seed"]))]
     paths = iter(output_paths(args.out, items, IMAGE_SUFFIXES))
     for seed in drawn:
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             out = pipe(**call)
         except InvalidInputError as e:
-            raise as_flag_error(e) from None
+            raise as_flag_error(e, args.parameter_flags) from None
         generation += time.perf_counter() - began
         settings = {**pipe.parameters(), **call}
         steps += int(settings["num_inference_steps"])

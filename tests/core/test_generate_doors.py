@@ -105,7 +105,7 @@ def test_from_refuses_a_changed_input(shared, tmp_path, capsys):
     assert f"input file {src!r} changed since the run" in capsys.readouterr().err
 
 
-def test_size_follows_the_input_image(shared, tmp_path):
+def test_size_follows_the_input_image(shared, tmp_path, capsys):
     src = str(tmp_path / "in.png")
     Image.new("RGB", (80, 48), (200, 10, 10)).save(src)
     out = tmp_path / "o.png"
@@ -113,6 +113,8 @@ def test_size_follows_the_input_image(shared, tmp_path):
             str(out)]  # fmt: skip
     assert main(argv) == 0
     assert Image.open(out).size == (80, 48)
+    assert main([*argv, "--height", "64", "--width", "64"]) == 2  # img2img keeps the input's size
+    assert "resize the image or pass --width 80, --height 48" in capsys.readouterr().err
     edit = ["generate", "x", "--pipeline", "qwen-image-edit", "--steps", "1", "--edit-image", src, "--seed", "1",
             "--no-edit-image-auto-resize", "--out", str(out)]  # fmt: skip
     assert main(edit) == 0 and Image.open(out).size == (80, 48)
