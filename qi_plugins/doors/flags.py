@@ -136,7 +136,7 @@ def as_flag_error(e: InvalidInputError, names: Iterable[str] = ()) -> InvalidInp
     text = str(e)
     name = getattr(e, "param", None)
     first = text.split(" ", 1)[0]
-    if name is None and first in names:
+    if name is None and first in names and text.startswith((f"{first} is ", f"{first} must ")):
         name = first
     if name and name not in HANDLED_ELSEWHERE and text.startswith(name):
         text = flag(name) + text[len(name) :]

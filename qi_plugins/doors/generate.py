@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ def configure(parser: argparse.ArgumentParser, argv: list[str] | None = None) ->
                         help="LoRA file in any layout qi reads, with its scale (default 1; repeatable)")  # fmt: skip
     parser.add_argument("--adapter", action="append", help="adapter name (repeatable)")
     parser.add_argument("--memory", default=None, help="memory policy name (default: none)")
+    parser.add_argument("--step-runner", default=None,
+                        help="step runner by name (default: the pipeline's; `parallel` under torchrun)")  # fmt: skip
     parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
     )
@@ -216,11 +219,18 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.quality <= 100:
         raise InvalidInputError(f"--quality must be 1-100, got {args.quality}")
     device = check_device(args.device) if args.device is not None else default_device()
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one device a process
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
     loras = _loras(args.lora)
     drawn: list[int] = []  # seeds drawn here, printed once the output names are checked
     for call in calls:
         check_seed(call.get("seed"))
+        if call.get("seed") is None and world > 1:
+            raise InvalidInputError(
+                "give --seed when running on several processes: every rank draws the noise"
+            )
         if call.get("seed") is None:
             call["seed"] = random.randrange(2**31)
             drawn.append(call["seed"])
@@ -234,8 +244,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"seed {seed}")
 
     memory = args.memory or "none"
+    parts = {"step_runner": args.step_runner} if args.step_runner else {}
     pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
-                      adapters=args.adapter or (), memory=memory)  # fmt: skip
+                      adapters=args.adapter or (), memory=memory, **parts)  # fmt: skip
     applied = []
     if loras:
         from qi_core.plugin_host import host
@@ -269,7 +280,9 @@ def run(args: argparse.Namespace) -> int:
             path = next(paths)
             for k, frame in enumerate(image if isinstance(image, list) else [image]):  # frames of one item
                 where = path if k == 0 else path.with_name(f"{path.stem}_frame{k}{path.suffix}")
-                save_image(frame, where, meta, quality=args.quality)
-                print(f"wrote {where}")
-    print(summary(start, generation, steps, str(pipe.device)))
+                if rank == 0:  # every rank holds the same image; one writes it
+                    save_image(frame, where, meta, quality=args.quality)
+                    print(f"wrote {where}")
+    if rank == 0:
+        print(summary(start, generation, steps, str(pipe.device)))
     return 0

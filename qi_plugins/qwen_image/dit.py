@@ -129,7 +129,7 @@ class Attention(nn.Module):
         k = torch.cat([rope(self.norm_added_k(heads(self.add_k_proj, txt)), rope_txt),
                        rope(self.norm_k(heads(self.to_k, img)), rope_img)], dim=1)  # fmt: skip
         v = torch.cat([heads(self.add_v_proj, txt), heads(self.to_v, img)], dim=1)
-        if isinstance(mask, RowAttention):  # a stacked batch: each row over its own tokens
+        if callable(mask):  # the attention itself: a stacked batch's rows, a sequence split's part
             out = mask(self.attend, q, k, v)
         else:
             q, k, v = (rearrange(x, "B S H D -> B H S D") for x in (q, k, v))
@@ -266,6 +266,7 @@ class QwenImageDiT(nn.Module):
         self.gradient_checkpointing = False
         # {modulation key: every block's modulation} while ``precomputed_modulation`` is open; None: inline
         self._modulation: dict[tuple, list] | None = None
+        self._split = None  # the open sequence split (see ``sequence_split``), or None
 
     def set_attention(self, backend) -> None:
         """Use ``backend(q, k, v, mask) -> out`` (a registered attention backend) in every block."""
@@ -344,32 +345,9 @@ class QwenImageDiT(nn.Module):
         forward. With ``stack``, inputs that agree in everything but their text (:func:`layout`) go through as
         one batch along B (:meth:`_enter_stacked`), each result its own forward up to the rounding of matrix
         kernels that depend on the number of rows (none in the CPU tests)."""
-        groups = _groups(inputs) if stack else [[k] for k in range(len(inputs))]
-        entered = [
-            self._enter_stacked([inputs[k] for k in g])
-            if len(g) > 1
-            else (inputs[g[0]], self._enter(inputs[g[0]]))
-            for g in groups
-        ]
-        batch, states = [b for b, _ in entered], [s for _, s in entered]
-        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.transformer_blocks):
-            for s, inp in zip(states, batch, strict=True):
-                args = (s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
-                if checkpoint:
-                    img, txt = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-                else:
-                    img, txt = block(*args)
-                for hook in inp.block_hooks:
-                    img = hook(i, img, txt)
-                s["img"], s["txt"] = img, txt
-        out: list[torch.Tensor] = [torch.empty(0)] * len(inputs)
-        for g, s in zip(groups, states, strict=True):
-            result = self._exit(s)
-            parts = result.split([inputs[k].latents.shape[0] for k in g]) if len(g) > 1 else [result]
-            for k, part in zip(g, parts, strict=True):
-                out[k] = part
-        return out
+        states = self.enter(inputs, stack=stack)
+        self.run_blocks(states)
+        return self.exit(states)
 
     def _enter(self, inp: DenoiseInput) -> dict:
         """Tokens, embeddings, RoPE tables and masks of one input."""
@@ -399,18 +377,42 @@ class QwenImageDiT(nn.Module):
         mod_index = torch.cat(mod_ids).to(img.device)
         mod_index = mod_index[None].expand(B, -1) if bool(mod_index.any()) else None
         mods = self._precomputed(inp, temb) or [None] * len(self.transformer_blocks)
-        return {
+        state = {
             "img": img, "txt": txt, "temb": temb, "mod_index": mod_index, "mods": mods,
             "rope": self.rope_tables(inp, grids, [None, *inp.images]),
             "mask": self.joint_mask(txt_mask, img.shape[1], inp.attention_mask, img.dtype),
             "n_target": n_target, "hw": (h, w), "frames": Fr,
         }  # fmt: skip
+        return state if self._split is None else self._part(inp, state)
+
+    @contextmanager
+    def sequence_split(self, split) -> Iterator[None]:
+        """While open, each forward keeps one part of the joint sequence (sequence parallelism, the ``parallel``
+        plugin): ``split.part(inp, n_txt, n_img, mask)`` returns the part, with ``text`` and ``image`` (the
+        slices of each stream this process computes), ``attention`` (``(attend, q, k, v) -> out`` over the
+        part's tokens, given to the blocks in place of the mask) and ``gather_image(img)`` (the whole image
+        stream, before the output layers). Per-token operations run on the part only."""
+        outer, self._split = self._split, split
+        try:
+            yield
+        finally:
+            self._split = outer
+
+    def _part(self, inp: DenoiseInput, s: dict) -> dict:
+        part = self._split.part(inp, s["txt"].shape[1], s["img"].shape[1], s["mask"])
+        t, i = part.text, part.image
+        rope_img, rope_txt = s["rope"]
+        mod_index = None if s["mod_index"] is None else s["mod_index"][:, i]
+        return {**s, "img": s["img"][:, i], "txt": s["txt"][:, t], "rope": (rope_img[i], rope_txt[t]),
+                "mod_index": mod_index, "mask": part.attention, "part": part}  # fmt: skip
 
     def _enter_stacked(self, inputs: list[DenoiseInput]) -> tuple[DenoiseInput, dict]:
         """One input and state for inputs of one :func:`layout`, their rows stacked along B: text right-padded
         to the longest (mask False), block hooks on their own rows, attention row by row over each row's own
         tokens with its own mask (:class:`RowAttention`). Every operation is row-wise, so each row computes
         what it would alone (padded, masked attention would not: its sums run over other lengths)."""
+        if self._split is not None:
+            raise InvalidInputError("a sequence split runs each input on its own: do not stack under it")
         stacked, positions = _stack(inputs)
         s = self._enter(stacked)
         n_img, L, dev = s["img"].shape[1], s["txt"].shape[1], s["img"].device
@@ -425,7 +427,8 @@ class QwenImageDiT(nn.Module):
         return stacked, s
 
     def _exit(self, s: dict) -> torch.Tensor:
-        out = self.proj_out(self.norm_out(s["img"][:, : s["n_target"]], s["temb"][0]))
+        img = s["part"].gather_image(s["img"]) if "part" in s else s["img"]
+        out = self.proj_out(self.norm_out(img[:, : s["n_target"]], s["temb"][0]))
         return self.unpatchify(out, *s["hw"], s["frames"])
 
     def timestep_embedding(self, inp: DenoiseInput, batch: int, device: torch.device) -> torch.Tensor:
@@ -498,6 +501,61 @@ class QwenImageDiT(nn.Module):
         keep = torch.cat([txt_mask, torch.ones_like(txt_mask[:, :1]).expand(-1, n_img)], dim=1)
         pad = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
         return extra.to(dtype) + pad[:, None, None, :]
+
+    # -- stages: forward_many is enter → run_blocks → exit (step caches run the blocks in parts) -------------
+    def enter(self, inputs: list[DenoiseInput], *, stack: bool = False) -> list[dict]:
+        """The first stage of :meth:`forward_many`: one state per group of inputs it runs as one (with
+        ``stack``, stacked along B). ``state["indices"]``: the group's inputs (positions in ``inputs``);
+        ``state["rows"]``: each one's rows along B; ``state["img"]`` (B, N, dim) and ``state["txt"]`` (B, L,
+        dim): the streams the blocks update. ``enter``, :meth:`run_blocks` over every block and :meth:`exit`
+        compute exactly what ``forward_many`` does."""
+        groups = _groups(inputs) if stack else [[k] for k in range(len(inputs))]
+        states = []
+        for g in groups:
+            if len(g) > 1:
+                inp, s = self._enter_stacked([inputs[k] for k in g])
+            else:
+                inp, s = inputs[g[0]], self._enter(inputs[g[0]])
+            rows = [inputs[k].latents.shape[0] // inputs[k].target_frames for k in g]
+            s.update(indices=list(g), rows=rows, input=inp, sizes=[inputs[k].latents.shape[0] for k in g])
+            states.append(s)
+        return states
+
+    def run_blocks(self, states: list[dict], start: int = 0, stop: int | None = None) -> None:
+        """Blocks ``start`` … ``stop - 1`` (default: to the last) on every state of :meth:`enter`, block by
+        block as :meth:`forward_many` runs them (a streamed block moves once), each input's block hooks after
+        each block. Updates ``state["img"]`` and ``state["txt"]`` in place."""
+        stop = len(self.transformer_blocks) if stop is None else stop
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
+        for i in range(start, stop):
+            block = self.transformer_blocks[i]
+            for s in states:
+                args = (s["img"], s["txt"], s["temb"], *s["rope"], s["mask"], s["mod_index"], s["mods"][i])
+                if checkpoint:
+                    img, txt = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                else:
+                    img, txt = block(*args)
+                for hook in s["input"].block_hooks:
+                    img = hook(i, img, txt)
+                s["img"], s["txt"] = img, txt
+
+    def exit(self, states: list[dict]) -> list[torch.Tensor]:
+        """The last stage: the velocity of every input given to :meth:`enter`, in that order."""
+        out: dict[int, torch.Tensor] = {}
+        for s in states:
+            result = self._exit(s)
+            parts = result.split(s["sizes"]) if len(s["indices"]) > 1 else [result]
+            out.update(zip(s["indices"], parts, strict=True))
+        return [out[k] for k in range(len(out))]
+
+    def modulated_input(self, state: dict, index: int = 0) -> torch.Tensor:
+        """The image stream of a state of :meth:`enter` as block ``index``'s attention takes it (its LayerNorm,
+        then the shift and scale of its timestep modulation), (B, N, dim): what TeaCache compares."""
+        block = self.transformer_blocks[index]
+        mods = state["mods"][index]
+        img_mod = block.img_mod(state["temb"]) if mods is None else mods[0]
+        shift, scale = _select(img_mod, state["mod_index"])[:2]
+        return torch.addcmul(shift, block.img_norm1(state["img"]), 1 + scale)
 
 
 # -- stacking (batches) ------------------------------------------------------------------------------------

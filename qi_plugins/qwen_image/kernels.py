@@ -61,7 +61,10 @@ def _unknown(activation: str | None) -> ValueError:
 
 
 def fast_path(layer: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``linear`` would run ``layer`` on ``x`` through oneDNN."""
+    """Whether ``linear`` would run ``layer`` on ``x`` through oneDNN (never while ``torch.compile`` traces: the
+    compiler picks the kernels of compiled code)."""
+    if torch.compiler.is_compiling():
+        return False
     if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
         return False
     w = layer.weight

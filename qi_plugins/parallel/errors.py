@@ -1,0 +1,10 @@
+"""The parallel plugin's typed errors."""
+
+from __future__ import annotations
+
+from qi_core.errors import InvalidInputError
+
+
+class ParallelConfigError(InvalidInputError):
+    """The parallel degrees do not fit the process group or the model (cfg × ulysses ≠ world size, heads not
+    divisible by the Ulysses degree, a denoiser without sequence splits)."""
