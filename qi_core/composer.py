@@ -33,7 +33,8 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     ``downloader``: ``fetch(model_id, local_dir, patterns)`` replacing the source for the hub ids it resolves.
     ``roles``: load only these component roles (the others stay absent), e.g. ``{"dit"}`` for the second
     stage of split training; None loads every role.
-    ``guidance``, ``sampler``, ``step_runner``: registered loop parts by name (or objects); the first two
+    ``guidance``, ``sampler``, ``step_runner``: registered loop parts by name, ``{"name": NAME, **options}``
+    (``step_runner={"name": "first-block-cache", "threshold": 0.1}``) or objects; the first two
     default to the recipe's and can be changed per call. ``attention``: a registered attention backend given
     to every component with ``set_attention`` (None keeps the denoiser's own, torch's SDPA).
     """
@@ -41,13 +42,13 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
 
     from qi_core.devices import check_device
     from qi_core.loading import component_folder, component_source, load_component, resolve_model_root
-    from qi_core.pipeline import Pipeline
+    from qi_core.pipeline import Pipeline, build_part
 
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
     device = check_device(device)
     # parts by name are checked before any weight loads
-    parts = {kind: reg.get(kind, spec).load()() if isinstance(spec, str) else spec
+    parts = {kind: build_part(kind, spec)
              for kind, spec in (("guider", guidance or recipe.guidance), ("sampler", sampler or recipe.sampler),
                                 ("step_runner", step_runner))}  # fmt: skip
     backend = reg.get("attention", attention).load() if isinstance(attention, str) else attention

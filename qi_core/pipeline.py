@@ -122,6 +122,19 @@ def timestep_at(scheduler: Any, sigmas: torch.Tensor, timesteps: torch.Tensor, i
     return convert(sigma.reshape(1)) if convert is not None else sigma.reshape(1) * 1000
 
 
+def build_part(kind: str, spec: Any) -> Any:
+    """A loop part: ``spec`` itself, the registered ``kind`` of that name built with no arguments, or
+    ``{"name": NAME, **options}`` built with those options (``{"name": "first-block-cache", "threshold": 0.1}``)."""
+    if not isinstance(spec, (str, dict)):
+        return spec
+    from qi_core.plugin_host import host
+
+    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    if not isinstance(options.get("name"), str):
+        raise InvalidInputError(f"a {kind} given as a dict needs its registered 'name', got {spec!r}")
+    return host().registry.get(kind, options.pop("name")).load()(**options)
+
+
 class Pipeline:
     """A composed pipeline: loaded components by role, a schedule, injectors, a memory policy."""
 
@@ -190,12 +203,7 @@ class Pipeline:
         return specs(self.declarations(), self.defaults, self.required)
 
     def part(self, kind: str, spec: Any) -> Any:
-        """A loop part: ``spec`` itself, or the registered ``kind`` of that name, built with no arguments."""
-        if not isinstance(spec, str):
-            return spec
-        from qi_core.plugin_host import host
-
-        return host().registry.get(kind, spec).load()()
+        return build_part(kind, spec)
 
     @property
     def batch_cfg(self) -> bool:

@@ -17,6 +17,7 @@ DiT has them. Any other denoiser runs as the default ``batched`` runner runs it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,13 @@ from qi_core.errors import InvalidInputError
 from qi_core.protocols import DenoiseInput
 
 STAGES = ("enter", "run_blocks", "exit")
+FEW_STEPS = 8  # schedules of this many steps or fewer run uncached unless forced
+
+
+class CacheWarning(UserWarning):
+    """A step cache was asked for where it does not help (and did nothing)."""
+
+
 HOOK_MODES = ("cache", "compute")
 
 
@@ -57,6 +65,7 @@ class CacheLog:
     """One call's cache: an :class:`Entry` per label and every decision, ``(step, label, skipped, distance)``."""
 
     entries: dict[Hashable, Entry] = field(default_factory=dict)
+    off: bool = False  # too few steps: this call runs uncached
     events: list[tuple[int, Hashable, bool, float]] = field(default_factory=list)
 
     @property
@@ -87,7 +96,7 @@ class _StepCache:
     extra_stages: tuple[str, ...] = ()
 
     def __init__(self, threshold: float, *, warmup: int = 2, tail: int = 1, max_skips: int | None = 3,
-                 hooks: str = "cache", batch: bool = True):  # fmt: skip
+                 hooks: str = "cache", batch: bool = True, force: bool = False):  # fmt: skip
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
             raise InvalidInputError(f"{self.name}: threshold must be a finite number >= 0, got {threshold!r}")
         if not math.isfinite(threshold):
@@ -104,7 +113,7 @@ class _StepCache:
             raise InvalidInputError(f"{self.name}: hooks must be one of {HOOK_MODES}, got {hooks!r}")
         self.threshold = float(threshold)
         self.warmup, self.tail, self.max_skips, self.hooks = warmup, tail, max_skips, hooks
-        self.batch = batch
+        self.batch, self.force = batch, force
         self.last: CacheLog | None = None  # the latest call's cache (skip counts, decisions)
 
     def __repr__(self) -> str:
@@ -130,10 +139,19 @@ class _StepCache:
             from qi_plugins.sampling.runners import Batched
 
             return Batched(self.batch).run(denoiser, inputs, state=state, step=step, sigma=sigma)
+        total = len(state.sigmas) if getattr(state, "sigmas", None) is not None else None
         log = state.data.get(self.name)
         if not isinstance(log, CacheLog):  # the call's first evaluation
             log = state.data[self.name] = self.last = CacheLog()
-        total = len(state.sigmas) if getattr(state, "sigmas", None) is not None else None
+            log.off = total is not None and total <= FEW_STEPS and not self.force
+            if log.off:
+                warnings.warn(f"{self.name}: {total} steps are too few to cache (a few-step model changes a lot "
+                              f"every step); running uncached. Pass force=True to cache anyway",
+                              CacheWarning, stacklevel=2)  # fmt: skip
+        if log.off:
+            from qi_plugins.sampling.runners import Batched
+
+            return Batched(self.batch).run(denoiser, inputs, state=state, step=step, sigma=sigma)
         labels = list(inputs)
         stack = self.batch and len(inputs) > 1 and len(getattr(state, "items", None) or ()) > 1
         runs = [labels] if self.batch else [[label] for label in labels]
@@ -200,14 +218,16 @@ class FirstBlockCache(_StepCache):
     computed; ``max_skips``: reuses in a row before a step is computed again (None: no limit). ``hooks``:
     inputs with block hooks (ControlNets) are cached like any other — their residual includes the hooks'
     contribution at the last computed step — with ``"cache"``, always computed with ``"compute"``.
-    ``batch``: the inputs go through each block together (as the ``batched`` runner's ``batch``)."""
+    ``batch``: the inputs go through each block together (as the ``batched`` runner's ``batch``). ``force``: cache
+    schedules of 8 steps or fewer too (by default they run uncached, with a :class:`CacheWarning`)."""
 
     name = "first-block-cache"
     start = 1
 
     def __init__(self, threshold: float = 0.08, *, warmup: int = 2, tail: int = 1, max_skips: int | None = 3,
-                 hooks: str = "cache", batch: bool = True):  # fmt: skip
-        super().__init__(threshold, warmup=warmup, tail=tail, max_skips=max_skips, hooks=hooks, batch=batch)
+                 hooks: str = "cache", batch: bool = True, force: bool = False):  # fmt: skip
+        super().__init__(threshold, warmup=warmup, tail=tail, max_skips=max_skips, hooks=hooks, batch=batch,
+                         force=force)  # fmt: skip
 
     def probe(self, denoiser: Any, states: list[dict]) -> list[torch.Tensor]:
         before = [s["img"] for s in states]
@@ -236,9 +256,10 @@ class TeaCache(_StepCache):
     extra_stages = ("modulated_input",)
 
     def __init__(self, threshold: float = 0.3, *, warmup: int = 2, tail: int = 1, max_skips: int | None = 3,
-                 hooks: str = "cache", batch: bool = True,
+                 hooks: str = "cache", batch: bool = True, force: bool = False,
                  coefficients: Sequence[float] | None = None):  # fmt: skip
-        super().__init__(threshold, warmup=warmup, tail=tail, max_skips=max_skips, hooks=hooks, batch=batch)
+        super().__init__(threshold, warmup=warmup, tail=tail, max_skips=max_skips, hooks=hooks, batch=batch,
+                         force=force)  # fmt: skip
         self.coefficients = tuple(float(c) for c in coefficients) if coefficients is not None else None
 
     def probe(self, denoiser: Any, states: list[dict]) -> list[torch.Tensor]:

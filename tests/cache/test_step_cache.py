@@ -18,7 +18,7 @@ import qi_core as qi
 from qi_core.errors import InvalidInputError
 from qi_core.protocols import DenoiseInput, Injector, TextSegment
 from qi_plugins.cache import FirstBlockCache, TeaCache
-from qi_plugins.cache.runners import has_stages, relative_l1
+from qi_plugins.cache.runners import CacheWarning, has_stages, relative_l1
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core"))
 import tiny_helpers  # noqa: E402
@@ -76,7 +76,7 @@ def test_threshold_zero_is_the_default_runner_bit_for_bit(pipe, reference, make,
 @pytest.mark.parametrize("make", [FirstBlockCache, TeaCache], ids=["fbcache", "teacache"])
 def test_threshold_zero_with_heun_is_the_default_runner(pipe, make):
     ref = pipe(num_inference_steps=6, sampler="heun", **CALL)
-    with runner(pipe, make(0.0)) as r:
+    with runner(pipe, make(0.0, force=True)) as r:
         out = pipe(num_inference_steps=6, sampler="heun", **CALL)
     assert r.last.computed == 2 * (2 * 6 - 1)  # Heun: two evaluations per step, the last is an Euler step
     assert np.array_equal(out, ref)
@@ -127,10 +127,13 @@ def test_each_call_starts_with_an_empty_cache(pipe):
 def test_lightning_like_few_steps_leave_little_to_skip(pipe, reference):
     """8 steps with the defaults (warmup 2, tail 1): at most 5 of 8 steps are eligible, and on this model none
     is close enough to the last computed one to be skipped."""
-    with runner(pipe, FirstBlockCache()) as r:
-        out = pipe(num_inference_steps=8, **CALL)
+    with runner(pipe, FirstBlockCache(10.0)) as r, pytest.warns(CacheWarning, match="8 steps are too few"):
+        out = pipe(num_inference_steps=8, **CALL)  # off (and said so) on a few-step schedule …
+    assert r.last.off and r.last.skipped == 0 and np.array_equal(out, reference[8])
+    with runner(pipe, FirstBlockCache(force=True)) as r:
+        out = pipe(num_inference_steps=8, **CALL)  # … unless forced: the defaults find nothing to skip here
     print(f"8 steps, {r!r}: {r.last.summary()}")
-    assert r.last.skipped == 0 and np.array_equal(out, reference[8])
+    assert not r.last.off and r.last.skipped == 0 and np.array_equal(out, reference[8])
 
 
 def test_registered_by_name_and_composed(pipe):
@@ -195,9 +198,9 @@ def test_controlnet_threshold_zero_exact_and_skips(tiny_pipeline):
     pipe = tiny_pipeline("qwen-image-blockwise-controlnet-canny")
     call = dict(CALL, num_inference_steps=8, **inputs(pipe))
     ref = pipe(**call)
-    with runner(pipe, FirstBlockCache(0.0)):
+    with runner(pipe, FirstBlockCache(0.0, force=True)):
         assert np.array_equal(pipe(**call), ref)
-    with runner(pipe, FirstBlockCache(10.0)) as r:
+    with runner(pipe, FirstBlockCache(10.0, force=True)) as r:
         out = pipe(**call)
     print(f"ControlNet, 8 steps, {r!r}: {r.last.summary()}; max abs diff {diff(out, ref):.3g}")
     assert r.last.skipped > 0 and np.isfinite(out).all()
@@ -211,12 +214,12 @@ def test_batches_threshold_zero_exact_and_labels_per_item(tiny_pipeline, make):
     call = dict(CALL, prompt=["a red cube", "a small blue sphere on an old wooden table"], num_images_per_prompt=2,
                 num_inference_steps=8)  # fmt: skip
     ref = pipe(**call)
-    with runner(pipe, make(0.0)) as r:
+    with runner(pipe, make(0.0, force=True)) as r:
         out = pipe(**call)
     assert all(np.array_equal(a, b) for a, b in zip(out, ref, strict=True))
     labels = {e[1] for e in r.last.events}
     assert labels == {(k, side) for k in range(4) for side in ("positive", "negative")}
-    with runner(pipe, make(10.0)) as r:
+    with runner(pipe, make(10.0, force=True)) as r:
         out = pipe(**call)
     by_step = {}
     for step, _, skipped, _ in r.last.events:
@@ -242,3 +245,14 @@ def test_relative_l1():
     assert relative_l1(a, a) == 0
     assert relative_l1(a * 1.1, a) == pytest.approx(0.1, rel=1e-6)
     assert relative_l1(a, torch.zeros(3)) == float("inf")
+
+
+def test_options_by_name_through_a_dict():
+    from qi_core.errors import InvalidInputError
+    from qi_core.pipeline import build_part
+
+    r = build_part("step_runner", {"name": "first-block-cache", "threshold": 0.2, "force": True})
+    assert isinstance(r, FirstBlockCache) and r.threshold == 0.2 and r.force
+    assert isinstance(build_part("step_runner", "teacache"), TeaCache)
+    with pytest.raises(InvalidInputError, match="needs its registered 'name'"):
+        build_part("step_runner", {"threshold": 0.2})
