@@ -102,7 +102,8 @@ class Guard:
 def create_app(pipe: Any, *, api_key: str | None = None, queue: int = 16, lora_dir: str | Path | None = None,
                out_dir: str | Path = "qi-serve-output", max_body: int = 32 * MiB,
                max_pixels: int = 4096 * 4096) -> FastAPI:  # fmt: skip
-    """The app serving ``pipe`` (a composed pipeline). ``queue``: jobs that may wait (more: 429).
+    """The app serving ``pipe`` (a composed pipeline, or a list of equal ones: one worker thread each, e.g. one
+    per device, behind the one queue). ``queue``: jobs that may wait (more: 429).
     ``lora_dir``: the folder of LoRAs requests may name. ``out_dir``: where ``url`` images are written.
     ``max_body``: the largest request body in bytes (413). ``max_pixels``: the largest image, uploaded or
     generated (400).
@@ -111,7 +112,9 @@ def create_app(pipe: Any, *, api_key: str | None = None, queue: int = 16, lora_d
         raise InvalidInputError(f"queue must be at least 1, got {queue}")
     out = Path(out_dir)
     loras = LoraFolder(lora_dir) if lora_dir is not None else None
-    worker = Worker(lambda job: run_call(pipe, job, out, loras), capacity=queue)
+    pipes = list(pipe) if isinstance(pipe, (list, tuple)) else [pipe]
+    pipe = pipes[0]  # the one requests are checked against (the others are equal)
+    worker = Worker([lambda job, p=p: run_call(p, job, out, loras) for p in pipes], capacity=queue)
     specs = declared(pipe)
     image_param, mask_param = upload_targets(specs)
     page = (files("qi_plugins.serve") / "page" / "index.html").read_text(encoding="utf-8")

@@ -33,6 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="key clients send as 'Authorization: Bearer KEY' (default: $QI_API_KEY; none: no check)")  # fmt: skip
     parser.add_argument("--queue", type=int, default=16,
                         help="jobs that may wait behind the running one; more are answered 429 (default: 16)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1,
+                        help="pipelines serving the one queue, one per GPU with --device cuda (default: 1)")  # fmt: skip
     parser.add_argument("--lora-dir", default=None, help="folder of NAME.safetensors LoRAs requests may name")
     parser.add_argument("--out-dir", default="qi-serve-output",
                         help="folder of the images answered as URLs (default: qi-serve-output)")  # fmt: skip
@@ -70,6 +72,8 @@ def check_args(args: argparse.Namespace, api_key: str | None) -> None:
         raise InvalidInputError(f"--port must be 0-65535, got {args.port}")
     if args.queue < 1:
         raise InvalidInputError(f"--queue must be at least 1, got {args.queue}")
+    if args.workers < 1:
+        raise InvalidInputError(f"--workers must be at least 1, got {args.workers}")
     if not args.max_body_mb > 0:
         raise InvalidInputError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     if args.max_image_pixels < 1:
@@ -95,6 +99,19 @@ def require_server_packages() -> None:
         raise PluginError(f"qi serve needs {', '.join(missing)}: pip install 'qi[serve]'")
 
 
+def worker_devices(device: str, workers: int) -> list[str]:
+    """One device a worker: ``cuda`` spreads them over the GPUs (``cuda:0`` … ``cuda:N-1``); any other device
+    (``cpu``, ``cuda:K``) holds every worker's pipeline."""
+    import torch
+
+    if device != "cuda" or workers == 1:
+        return [device] * workers
+    if workers > torch.cuda.device_count():
+        raise InvalidInputError(f"--workers {workers} needs as many GPUs; this machine has "
+                                f"{torch.cuda.device_count()}")  # fmt: skip
+    return [f"cuda:{k}" for k in range(workers)]
+
+
 def run(args: argparse.Namespace) -> int:
     from qi_core.atomic import check_writable_parent
 
@@ -112,10 +129,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
     sock = listen(args.host, args.port)  # a taken port fails now, not after the model loads
     try:
-        pipe = qi.compose(
-            args.pipeline, model=args.model, device=device, torch_dtype=dtype, memory=args.memory
-        )
-        app = create_app(pipe, api_key=api_key, queue=args.queue, lora_dir=args.lora_dir, out_dir=args.out_dir,
+        pipes = [qi.compose(args.pipeline, model=args.model, device=d, torch_dtype=dtype, memory=args.memory)
+                 for d in worker_devices(device, args.workers)]  # fmt: skip
+        app = create_app(pipes, api_key=api_key, queue=args.queue, lora_dir=args.lora_dir, out_dir=args.out_dir,
                          max_body=int(args.max_body_mb * MiB), max_pixels=args.max_image_pixels)  # fmt: skip
         serve(app, sock)
     finally:

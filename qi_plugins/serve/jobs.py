@@ -1,4 +1,5 @@
-"""Jobs and the one worker thread that runs them, one at a time (a pipeline is not thread-safe).
+"""Jobs and the worker threads that run them, one pipeline a thread, one job at a time each (a pipeline is not
+thread-safe).
 
 A bounded queue holds the jobs waiting; a full queue refuses with :class:`QueueFullError` (HTTP 429, with a
 Retry-After estimated from recent jobs). :meth:`Worker.close` refuses new jobs (:class:`ShuttingDownError`,
@@ -132,25 +133,29 @@ class Job:
 
 
 class Worker:
-    """Runs jobs one at a time in a thread with ``run(job) -> result``; at most ``capacity`` jobs wait.
+    """Runs jobs with ``run(job) -> result``, one at a time in each of its threads (one thread per function in
+    ``run``, when a list: one pipeline each, behind the one queue); at most ``capacity`` jobs wait.
 
     ``run`` raising a :class:`QiError` fails the job with 400 (the error names the parameter where it can);
     anything else fails it with 500 and is logged; the worker goes on with the next job either way.
     """
 
-    def __init__(self, run: Callable[[Job], dict[str, Any]], capacity: int, keep: int = 64):
-        self._run = run
+    def __init__(self, run: Callable[[Job], dict[str, Any]] | list[Callable[[Job], dict[str, Any]]],
+                 capacity: int, keep: int = 64):  # fmt: skip
+        self._runs = list(run) if isinstance(run, (list, tuple)) else [run]
         self.capacity = capacity
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=capacity)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._keep = keep  # finished jobs remembered for GET /v1/jobs/{id}
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="qi-serve-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(r,), name=f"qi-serve-worker-{k}", daemon=True)
+                         for k, r in enumerate(self._runs)]  # fmt: skip
         self._seconds = 0.0  # moving average of a job's run time, for Retry-After
         self.closing = False
 
     def start(self) -> None:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -165,7 +170,7 @@ class Worker:
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
-                wait = max(1, math.ceil(self._seconds * (self.capacity + 1)))
+                wait = max(1, math.ceil(self._seconds * (self.capacity + 1) / len(self._runs)))
                 raise QueueFullError(
                     f"the queue is full ({self.capacity} jobs waiting); retry in about {wait} s", wait
                 ) from None
@@ -187,7 +192,7 @@ class Worker:
             return True
 
     def close(self) -> None:
-        """Take no new jobs, cancel the waiting ones (503), let the running one finish and stop the thread."""
+        """Take no new jobs, cancel the waiting ones (503), let the running ones finish and stop the threads."""
         with self._lock:
             if self.closing:
                 return
@@ -200,18 +205,20 @@ class Worker:
                 if job is not None and job.status == "queued":
                     job.fail(503, error_body("the server shut down before this job started", "server_shutdown"),
                              status="cancelled")  # fmt: skip
-            self._queue.put_nowait(None)  # the queue was just emptied: the stop mark always fits
+        for _ in self._threads:  # one stop mark a thread (a full queue frees a place as each thread stops)
+            self._queue.put(None)
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
 
     def _forget_old(self) -> None:
         finished = [k for k, j in self._jobs.items() if j.done]
         for k in finished[: max(0, len(finished) - self._keep)]:
             del self._jobs[k]
 
-    def _loop(self) -> None:
+    def _loop(self, run: Callable[[Job], dict[str, Any]]) -> None:
         while True:
             job = self._queue.get()
             if job is None:
@@ -220,12 +227,12 @@ class Worker:
                 if job.status != "queued":  # cancelled while waiting
                     continue
                 job.update(status="running", started=time.time())
-            self._execute(job)
+            self._execute(job, run)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: Job, run: Callable[[Job], dict[str, Any]]) -> None:
         began = time.perf_counter()
         try:
-            result = self._run(job)
+            result = run(job)
         except QiError as e:
             job.fail(400, error_body(str(e), "invalid_request_error", getattr(e, "param", None)))
         except Exception as e:  # the worker must outlive any one job

@@ -217,3 +217,31 @@ def test_a_closing_server_refuses_new_jobs_with_503(tmp_path):
         r = post(base, json={"prompt": "x", **FAST})
         assert error(r, 503)["type"] == "server_shutdown"
         assert error(post(base, "v1/jobs", json={"prompt": "x", **FAST}), 503)
+
+
+def test_workers_share_the_one_queue(tmp_path, monkeypatch):
+    """Two pipelines behind one queue: both take jobs, and each answer equals the call made in-process."""
+    from serve_helpers import direct
+
+    import qi_core as qi
+
+    pipes = [tiny("qwen-image"), qi.compose("qwen-image", model="tiny", progress=False)]
+    ran: dict[int, set[str]] = {id(p): set() for p in pipes}
+    original = type(pipes[0]).__call__
+
+    def recording(self, *args, **kwargs):  # which pipeline ran a call, on which worker thread
+        ran[id(self)].add(threading.current_thread().name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipes[0]), "__call__", recording)
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+    with running(pipes, out_dir=tmp_path / "out") as (base, _):
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda _: post(base, json=body), range(6)))
+    monkeypatch.undo()
+    assert [r.status_code for r in results] == [200] * 6
+    assert all(len(threads) == 1 for threads in ran.values())  # both served, each from its own thread
+    assert ran[id(pipes[0])] != ran[id(pipes[1])]
+    want = direct(pipes[0], prompt="a fox", height=64, width=64, num_inference_steps=2, seed=3)
+    for r in results:
+        assert np.array_equal(pixels(base64.b64decode(r.json()["data"][0]["b64_json"])), want)
