@@ -151,7 +151,8 @@ def test_loras_by_name_only(serve, tmp_path):
 
 
 def test_job_progress_as_server_sent_events(serve):
-    base = serve(tiny("qwen-image"))
+    pipe = Gated(tiny("qwen-image"))  # the job waits until the stream is open, however busy the machine
+    base = serve(pipe)
     r = post(base, "v1/jobs", json={"prompt": "x", "size": "16x16", "num_inference_steps": 3, "n": 2})
     assert r.status_code == 202
     job = r.json()["id"]
@@ -164,6 +165,7 @@ def test_job_progress_as_server_sent_events(serve):
                 kind = line[7:]
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[6:])))
+                pipe.gate.set()
     assert events[-1][0] == "done" and events[-1][1]["status"] == "succeeded"
     steps = [e["progress"]["step"] for k, e in events if k == "progress" and e["progress"]["total"] == 6]
     assert steps and steps == sorted(steps) and steps[-1] >= 5  # 2 images x 3 steps, in order
