@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.errors import InvalidInputError, QiError
+from qi_plugins.doors import launch
 from qi_plugins.doors.flags import add_parameter_flags, as_flag_error, call_from_args
 
 DEFAULT_PIPELINE = "qwen-image"
@@ -66,8 +67,10 @@ def configure(parser: argparse.ArgumentParser, argv: list[str] | None = None) ->
                         help="image to write (.png, .jpg, .webp: format from the suffix); with several images a "
                         "pattern with {i}, {seed}, {prompt}, or a folder")  # fmt: skip
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100 (default: 95)")
+    launch.add_flags(parser)
     pipeline = pipeline_of(argv)
-    parser.set_defaults(func=run, parameter_flags=_parameter_flags(parser, pipeline) if pipeline else {})
+    parser.set_defaults(func=run, parameter_flags=_parameter_flags(parser, pipeline) if pipeline else {},
+                        command_argv=argv)  # fmt: skip
 
 
 def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> dict[str, str | None]:
@@ -219,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.quality <= 100:
         raise InvalidInputError(f"--quality must be 1-100, got {args.quality}")
     device = check_device(args.device) if args.device is not None else default_device()
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch.prepare(args)  # --nproc/--cfg-parallel/--ulysses checked; the run's process count
+    rank = int(os.environ.get("RANK", "0"))
     if device == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one device a process
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     dtype = parse_dtype(args.dtype, ("float32", "bfloat16", "float16"))
@@ -242,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
     paths = iter(output_paths(args.out, items, IMAGE_SUFFIXES))
     for seed in drawn:
         print(f"seed {seed}")
+    if launch.wanted(args):  # everything checked: start the workers, each runs this command (rank 0 writes)
+        return launch.launch(args)
 
     memory = args.memory or "none"
     parts = {"step_runner": args.step_runner} if args.step_runner else {}
