@@ -104,11 +104,40 @@ def compiling(name: str, root: Path, size: int, backend: str) -> None:
     uncompile_blocks(pipe)
 
 
+def medium(tmp: Path, steps: int, thresholds: list[float]) -> None:
+    """The medium model of bench_pipeline.py (8 blocks x 768, 512², CFG): default runner vs first-block-cache,
+    one run each (a run takes minutes on 2 cores): skipped fraction, time ratio, max and mean abs diff."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_pipeline import build_model
+
+    pipe = qi.compose("qwen-image", model=build_model(tmp / "medium", 8, 768, 96), device="cpu",
+                      torch_dtype=torch.float32, progress=False)  # fmt: skip
+    call = dict(CALL, height=512, width=512, num_inference_steps=steps)
+    ref, t0 = timed(lambda: pipe(**call))
+    print(f"\nmedium DiT (8 blocks, width 768), 512x512, {steps} steps, CFG: default runner {t0:.1f} s")
+    for t in thresholds:
+        runner = pipe.step_runner = FirstBlockCache(t, max_skips=None)
+        out, t1 = timed(lambda: pipe(**call))
+        pipe.step_runner = "batched"
+        d = np.abs(out - ref)
+        print(
+            f"  first-block-cache threshold {t:g}: skipped {runner.last.skipped}/{len(runner.last.events)}, "
+            f"{t1:.1f} s, time ratio {t0 / t1:.2f}x, max abs diff {d.max():.3g}, mean {d.mean():.3g}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", default="50,8")
     ap.add_argument("--thresholds", default="0.05,0.3,0.6")
     ap.add_argument("--big", action="store_true", help="also a random 8-block, width-512 DiT")
+    ap.add_argument(
+        "--medium",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="only the medium model of bench_pipeline.py (8 x 768, 512²) at STEPS steps",
+    )
     ap.add_argument("--compile", default="aot_eager", help="backend for compile_blocks ('' to skip)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
@@ -116,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = [int(s) for s in args.steps.split(",")]
     thresholds = [float(t) for t in args.thresholds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
+        if args.medium:
+            medium(Path(tmp), args.medium, thresholds)
+            return 0
         for name, root, size in models(args.big, Path(tmp)):
             step_caches(name, root, size, steps, thresholds)
             if args.compile:
