@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 
 def call(args: argparse.Namespace) -> dict:
@@ -75,7 +76,8 @@ def rank_main(rank: int, world: int, port: int, cfg: int, ulysses: int, args: ar
         slowest = torch.tensor([seconds], dtype=torch.float64, device=device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         if rank == 0:
-            torch.save({"seconds": float(slowest), "latents": latents.float().cpu()}, Path(out) / "rank0.pt")
+            save_file({"latents": latents.float().cpu().contiguous(), "seconds": slowest.cpu()},
+                      str(Path(out) / "rank0.safetensors"))  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -127,10 +129,12 @@ def main() -> None:
             continue
         with tempfile.TemporaryDirectory() as out:
             mp.spawn(rank_main, args=(world, free_port(), cfg, ulysses, args, out), nprocs=world)
-            got = torch.load(Path(out) / "rank0.pt")
+            got = load_file(str(Path(out) / "rank0.safetensors"))
         diff = float((got["latents"].double() - reference.double()).abs().max())
         # ratio > 1: slower than one process
-        print(f"{label:<22} {world:>5} {got['seconds']:>9.3f} {got['seconds'] / single:>9.2f}x {diff:>13.3g}")
+        print(
+            f"{label:<22} {world:>5} {float(got['seconds']):>9.3f} {float(got['seconds']) / single:>9.2f}x {diff:>13.3g}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ case a tiny pipeline and a call (2 steps, CFG on), returning the final latents."
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import traceback
@@ -115,10 +116,25 @@ def rank_main(
                 parts.clear()
                 with torch.inference_mode():
                     result = run_case(pipe, case, steps)
-                where = Path(out) / f"{cfg}x{ulysses}.{case}.{rank}.pt"
-                torch.save({"latents": result, "parts": list(parts)}, where)
+                save_result(Path(out) / f"{cfg}x{ulysses}.{case}.{rank}.safetensors", result, parts)
     except BaseException:
         (Path(out) / f"error.{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
         dist.destroy_process_group()
+
+
+def save_result(path: Path, latents: torch.Tensor, parts: list) -> None:
+    """A rank's final latents and the parts its sequence split used (safetensors, the parts in the header)."""
+    from safetensors.torch import save_file
+
+    save_file({"latents": latents.contiguous()}, str(path), metadata={"parts": json.dumps(parts)})
+
+
+def load_result(path: Path) -> dict:
+    """What :func:`save_result` wrote: {"latents", "parts"} (each part ``(text sizes, image sizes, masked)``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        parts = json.loads(f.metadata()["parts"])
+        return {"latents": f.get_tensor("latents"), "parts": [(tuple(t), tuple(i), m) for t, i, m in parts]}

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from parallel_cases import CASES, STEPS, free_port, rank_main, run_case
+from parallel_cases import CASES, STEPS, free_port, load_result, rank_main, run_case
 from tolerance import check_float32_gap, pipeline_terms
 
 import qi_core as qi
@@ -71,7 +71,7 @@ def spawn(world: int, jobs: list, folder) -> dict:
         errors = sorted(folder.glob("error.*.txt"))
         raise AssertionError("\n".join(e.read_text() for e in errors) or "a rank failed") from None
     print(f"{world} ranks: {time.perf_counter() - began:.1f} s")
-    return {(c, u, case): [torch.load(folder / f"{c}x{u}.{case}.{r}.pt") for r in range(world)]
+    return {(c, u, case): [load_result(folder / f"{c}x{u}.{case}.{r}.safetensors") for r in range(world)]
             for c, u, cases, _ in jobs for case in cases}  # fmt: skip
 
 
