@@ -3,7 +3,6 @@ paths, no traversal, no links leading out of the folder)."""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qi_core.errors import InvalidInputError
+from qi_plugins.doors.outputs import sha256
 
 #: A LoRA name: a file name without its suffix; no separators, no leading dot.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -68,11 +68,7 @@ class LoraFolder:
         key = (path, st.st_mtime_ns, st.st_size)
         with self._lock:
             if key not in self._hashes:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                self._hashes[key] = h.hexdigest()
+                self._hashes[key] = sha256(path)
             return self._hashes[key]
 
     def parse(self, value: Any) -> list[LoraChoice]:

@@ -9,31 +9,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qi_core import __version__
 from qi_core.images import save_image
+from qi_plugins.doors.outputs import reproduction_record
 from qi_plugins.serve.calls import FORMATS, Call
 from qi_plugins.serve.jobs import Job
 from qi_plugins.serve.loras import LoraFolder
 
 
 def record(pipe: Any, call: Call, seed: int, loras: LoraFolder | None) -> dict[str, Any]:
-    """What reproduces one image: every JSON call parameter, the pipeline, model, LoRAs (with SHA-256),
-    dtype, device and qi version."""
+    """What reproduces one image (the record ``qi generate`` writes): every JSON call parameter, the pipeline,
+    model, LoRAs (by name, with SHA-256), sampler, guidance, dtype, device and qi version."""
     chosen = (
         [{"name": c.name, "scale": c.scale, "sha256": loras.sha256(c.path)} for c in call.loras]
         if loras
         else []
     )
-    return {
-        **call.settings(pipe),
-        "seed": seed,
-        "pipeline": pipe.name,
-        "model": str(pipe.model),
-        "loras": chosen,
-        "dtype": str(pipe.dtype).removeprefix("torch."),
-        "device": str(pipe.device),
-        "qi_version": __version__,
-    }
+    return reproduction_record(pipe, {**call.settings(pipe), "seed": seed}, pipeline=pipe.name, model=pipe.model,
+                               adapters=[], loras=chosen, memory=None)  # fmt: skip
 
 
 def run_call(pipe: Any, job: Job, out_dir: Path, loras: LoraFolder | None = None) -> dict[str, Any]:
