@@ -10,7 +10,10 @@ from __future__ import annotations
 from qi_core.hookspecs import hookimpl
 
 QI_HOOK_API = 1
-QI_REQUIRES = ("lora", "doors")  # request LoRAs load through lora; image records are written as doors writes them
+QI_REQUIRES = (
+    "lora",
+    "doors",
+)  # request LoRAs load through lora; image records are written as doors writes them
 
 
 @hookimpl
