@@ -17,8 +17,15 @@ from torch import nn
 from qi_plugins.qwen_image import kernels
 
 needs_onednn = pytest.mark.skipif(
-    not kernels.enabled(), reason="oneDNN linear not available in this torch build"
+    not kernels.available(), reason="oneDNN linear not available in this torch build"
 )
+
+
+@pytest.fixture
+def onednn():
+    """The oneDNN path on, whatever this CPU's default (the rule picks the BLAS on AVX2-only CPUs)."""
+    with kernels.forced():
+        yield
 
 
 def _layer(k=96, n=160, bias=True):
@@ -30,7 +37,7 @@ def _layer(k=96, n=160, bias=True):
 @needs_onednn
 @pytest.mark.parametrize("activation", [None, "gelu-tanh", "gelu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fast_path_matches_eager(activation, bias):
+def test_fast_path_matches_eager(activation, bias, onednn):
     lin, x = _layer(bias=bias), torch.randn(2, 37, 96)
     with torch.no_grad():
         assert kernels.fast_path(lin, x)
@@ -45,9 +52,10 @@ def test_fast_path_matches_eager(activation, bias):
 
 
 @needs_onednn
-def test_fast_path_takes_strided_inputs():
+def test_fast_path_takes_strided_inputs(onednn):
     lin, x = _layer(), torch.randn(37, 2, 96).transpose(0, 1)
     with torch.no_grad():
+        assert kernels.fast_path(lin, x)
         got = kernels.linear(lin, x)
         truth = F.linear(x.double(), lin.weight.double(), lin.bias.double())
     check_float32(got, truth, terms=100)
@@ -80,13 +88,36 @@ def test_training_gradients_flow_through_linear():
     assert x.grad is not None and lin.weight.grad is not None
 
 
+@needs_onednn
+def test_default_follows_the_cpu_rule_and_the_overrides(monkeypatch):
+    """AVX-512 CPUs default to oneDNN, the others to the BLAS; ``forced``/``disabled`` override either, and
+    ``QI_CPU_KERNELS`` is read at import (an unknown value warns and keeps the rule)."""
+    for preferred in (True, False):
+        monkeypatch.setattr(kernels, "_PREFERRED", preferred)
+        assert kernels.enabled() is preferred
+        with kernels.forced():
+            assert kernels.enabled()
+            with kernels.disabled():
+                assert not kernels.enabled()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert kernels._prefers_onednn()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not kernels._prefers_onednn()
+    for value, mode in (("onednn", "onednn"), ("0", "plain"), ("", "auto"), ("1", "auto")):
+        monkeypatch.setenv("QI_CPU_KERNELS", value)
+        assert kernels._env_mode() == mode
+    monkeypatch.setenv("QI_CPU_KERNELS", "fast")
+    with pytest.warns(UserWarning, match="QI_CPU_KERNELS='fast'"):
+        assert kernels._env_mode() == "auto"
+
+
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="gelu-tanh"):
         kernels.linear(_layer(), torch.randn(2, 96), "relu6")
 
 
 @needs_onednn
-def test_dit_output_with_and_without_fast_kernels(tiny_model):
+def test_dit_output_with_and_without_fast_kernels(tiny_model, onednn):
     """The whole DiT through the fast kernels stays within float32 rounding of the plain torch kernels."""
     from qi_core.protocols import DenoiseInput, TextSegment
     from qi_plugins.qwen_image.loading import load_dit
