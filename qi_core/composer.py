@@ -20,7 +20,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
             adapters: list[Any] | tuple[Any, ...] = (), memory: str | Any = "none",
             components: dict[str, Any] | None = None, downloader: Any = None, progress: bool = True,
             roles: Any = None, guidance: str | Any = None, sampler: str | Any = None,
-            step_runner: str | Any = "batched", attention: str | Any = None) -> Any:  # fmt: skip
+            step_runner: str | Any = "batched", attention: str | Any = None, **options: Any) -> Any:  # fmt: skip
     """Build the pipeline ``name`` (see ``qi pipelines``) with weights from ``model``.
 
     ``model``: a folder in the official layout, or a hub id (ModelScope by default; ``hf:ORG/NAME`` for
@@ -37,12 +37,15 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     (``step_runner={"name": "first-block-cache", "threshold": 0.1}``) or objects; the first two
     default to the recipe's and can be changed per call. ``attention``: a registered attention backend given
     to every component with ``set_attention`` (None keeps the denoiser's own, torch's SDPA).
+    ``**options``: options registered by plugins (``qi plugins`` lists them), applied in order once the pipeline is built, e.g.
+    ``cache="fbcache"``, ``compile=True``, ``parallel={"cfg": 2}``.
     """
     import torch
 
     from qi_core.devices import check_device
     from qi_core.loading import component_folder, component_source, load_component, resolve_model_root
-    from qi_core.pipeline import Pipeline, build_part
+    from qi_core.pipeline import Pipeline, apply_options, build_part
+    from qi_core.registry import Entry
 
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
@@ -51,6 +54,10 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
     parts = {kind: build_part(kind, spec)
              for kind, spec in (("guider", guidance or recipe.guidance), ("sampler", sampler or recipe.sampler),
                                 ("step_runner", step_runner))}  # fmt: skip
+    for key, value in options.items():  # known and checked before any weight loads
+        check = reg.get("option", key).meta.get("check")
+        if check is not None:
+            Entry("option", key, check, "").load()(value)
     backend = reg.get("attention", attention).load() if isinstance(attention, str) else attention
     dtype = torch_dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype):
@@ -118,6 +125,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
         adapter = reg.get("adapter", a).load()() if isinstance(a, str) else a
         adapter.apply(pipe)
         pipe.adapters.append(adapter)
+    apply_options(pipe, options)
     return pipe
 
 

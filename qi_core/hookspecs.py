@@ -107,6 +107,13 @@ def qi_register_sources(register: Register) -> None:
     patterns)`` downloads a hub repository's matching files."""
 
 
+@hookspec
+def qi_register_options(register: Register) -> None:
+    """Compose options:
+    ``register(name, apply, *, help="", per_call=False, switch=False, check=None, aliases=())``;
+    ``qi.compose(..., name=value)`` calls ``apply(pipe, value)`` (None or an undo callable)."""
+
+
 # -- the ``register`` callback of each hook ----------------------------------------------------------------
 # The core gives each hook a callback with exactly the signature of these stubs (qi_core.plugin_host checks the
 # arguments against them); docs/hooks.md lists them and tests/core/test_hook_contracts.py keeps the three equal.
@@ -139,6 +146,21 @@ def register_source(
     """A model source ``fetch(model_id, local_dir, patterns)``; ``prefixes`` (``"hf:"``) force it for a hub id."""
 
 
+def register_option(
+    name: str,
+    apply: Factory,
+    *,
+    help: str = "",
+    per_call: bool = False,
+    switch: bool = False,
+    check: Factory | None = None,
+    aliases: Sequence[str] = (),
+) -> None:
+    """A keyword of ``qi.compose`` (and of a pipeline call when ``per_call``): ``apply(pipe, value)``; ``switch``:
+    the value is on/off (a bare ``--name`` flag on the command line); ``check(value)``: refuses a bad value
+    before any weight loads."""
+
+
 # hook name -> registry kind it fills
 HOOK_KINDS: dict[str, str] = {
     "qi_register_encoders": "encoder",
@@ -155,13 +177,15 @@ HOOK_KINDS: dict[str, str] = {
     "qi_register_step_runners": "step_runner",
     "qi_register_attention": "attention",
     "qi_register_sources": "source",
+    "qi_register_options": "option",
 }
 HOOKS: tuple[str, ...] = tuple(HOOK_KINDS)
 
 # hook name -> the signature of the ``register`` it receives
 REGISTER: dict[str, Callable[..., None]] = {
     hook: {"encoder": register_encoder, "pipeline": register_pipeline, "command": register_command,
-           "attention": register_attention, "source": register_source}.get(kind, register_part)
+           "attention": register_attention, "source": register_source,
+           "option": register_option}.get(kind, register_part)
     for hook, kind in HOOK_KINDS.items()
 }  # fmt: skip
 

@@ -135,6 +135,33 @@ def build_part(kind: str, spec: Any) -> Any:
     return host().registry.get(kind, options.pop("name")).load()(**options)
 
 
+def apply_options(pipe: Any, options: dict[str, Any], *, call: bool = False) -> list[Callable[[], Any]]:
+    """Apply registered options (``qi_register_options``) in order; their undos, latest first. ``call``: options
+    given to a pipeline call, where only ``per_call`` ones are allowed. If one fails, those applied are undone."""
+    from qi_core.plugin_host import host
+
+    undos: list[Callable[[], Any]] = []
+    try:
+        for key, value in options.items():
+            entry = host().registry.get("option", key)
+            if call and not entry.meta.get("per_call"):
+                raise InvalidInputError(
+                    f"{key} is set when the pipeline is built: qi.compose(..., {key}=...)"
+                )
+            undo = entry.load()(pipe, value)
+            if undo is not None:
+                undos.insert(0, undo)
+    except BaseException:
+        undo_all(undos)
+        raise
+    return undos
+
+
+def undo_all(undos: list[Callable[[], Any]]) -> None:
+    for undo in undos:
+        undo()
+
+
 class Pipeline:
     """A composed pipeline: loaded components by role, a schedule, injectors, a memory policy."""
 
@@ -233,10 +260,22 @@ class Pipeline:
     def __call__(self, prompt: str | None = None, **kwargs: Any) -> Any:
         if prompt is not None:
             kwargs["prompt"] = prompt
-        state = self.new_state(kwargs)
-        check_required(self.name, self.required, state.params, self.declarations())
-        with torch.inference_mode():
-            return self._run_batch(state) if state.items else self._run(state)
+        undos = apply_options(self, self._options(kwargs), call=True)
+        try:
+            state = self.new_state(kwargs)
+            check_required(self.name, self.required, state.params, self.declarations())
+            with torch.inference_mode():
+                return self._run_batch(state) if state.items else self._run(state)
+        finally:
+            undo_all(undos)
+
+    def _options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Take the keywords that are registered options (not call parameters) out of ``kwargs``."""
+        from qi_core.plugin_host import host
+
+        reg, accepted = host().registry, self.parameters()
+        names = {n for e in reg.entries("option") for n in (e.name, *e.aliases)} - set(accepted)
+        return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
 
     def new_state(self, kwargs: dict[str, Any]) -> RunState:
         """A run state for these call parameters: unknown names refused, defaults filled, sizes checked."""

@@ -494,7 +494,15 @@ def _entry(kind: str, plugin: str, where: str, args: dict[str, Any]) -> Entry:
             f"'text_encoder' or 'vae', got {role!r}"
         )
     if "help" in meta and not isinstance(meta["help"], str):
-        raise RegistrationError(f"{where}: help of command {name!r} must be a string, got {meta['help']!r}")
+        raise RegistrationError(f"{where}: help of {kind} {name!r} must be a string, got {meta['help']!r}")
+    for flag in ("per_call", "switch"):
+        if flag in meta and not isinstance(meta[flag], bool):
+            raise RegistrationError(
+                f"{where}: {flag} of {kind} {name!r} must be True or False, got {meta[flag]!r}"
+            )
+    check = meta.get("check")
+    if check is not None and not (callable(check) or (isinstance(check, str) and ":" in check)):
+        raise RegistrationError(f"{where}: check of {kind} {name!r} must be a callable or 'module:attribute'")
     return Entry(kind, name, obj, plugin, meta, tuple(aliases))
 
 

@@ -6,11 +6,13 @@
   on a denoiser that offers the three stages ``enter`` / ``run_blocks`` / ``exit`` (``docs/cache.md``); any
   other denoiser runs as with the default ``batched`` runner.
 
+      pipe = qi.compose("qwen-image", cache="fbcache")  # the option; per call too: pipe(..., cache=...)
       pipe = qi.compose("qwen-image", step_runner="first-block-cache")
       pipe = qi.compose("qwen-image", step_runner=FirstBlockCache(threshold=0.12, warmup=3))
 
 * :func:`compile_blocks`: ``torch.compile`` on each repeated transformer block (regional compilation),
-  dynamic in the sequence sizes, so other image sizes and fused-LoRA changes reuse the compiled code.
+  dynamic in the sequence sizes, so other image sizes and fused-LoRA changes reuse the compiled code;
+  ``qi.compose(..., compile=True)``.
 
 Registration is cheap: torch is imported on first use.
 """
@@ -24,6 +26,14 @@ from qi_core.hookspecs import hookimpl
 QI_HOOK_API = 1
 QI_REQUIRES = ("sampling",)  # the fallback for denoisers without stages is the default ``batched`` runner
 _P = "qi_plugins.cache"
+
+
+@hookimpl
+def qi_register_options(register):
+    register("cache", f"{_P}.options:cache", per_call=True, check=f"{_P}.options:cache_spec",
+             help="a step cache as the step runner: True, first-block-cache | teacache, or {name, threshold, ...}")  # fmt: skip
+    register("compile", f"{_P}.options:compile_", switch=True, check=f"{_P}.options:compile_settings",
+             help="torch.compile the denoiser's repeated block: True, or {backend, mode, ...}")  # fmt: skip
 
 
 @hookimpl

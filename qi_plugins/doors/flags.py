@@ -119,6 +119,38 @@ def _entry_parser(name: str, fields: tuple[str, ...]):
     return parse
 
 
+def option_value(text: str) -> Any:
+    """The value of an option's flag (``qi_register_options``): a JSON object, ``KEY=VALUE,...`` (a dict), or a
+    name; a switch given bare is True."""
+    if text.lstrip().startswith("{") or "=" in text:
+        return _entry_parser("option", ())(text)
+    return _value(text)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """A ``--name`` flag for every registered option; {dest: option name}."""
+    from qi_core.plugin_host import host
+
+    group = parser.add_argument_group("options (registered by plugins; qi.compose keywords)")
+    added = {}
+    for entry in host().registry.entries("option"):
+        dest = f"option_{entry.name}"
+        kw: dict[str, Any] = dict(dest=dest, type=option_value, default=None, help=entry.meta.get("help", ""))
+        if entry.meta.get("switch"):
+            kw.update(nargs="?", const=True, metavar="SETTINGS")
+        else:
+            kw["metavar"] = "NAME|KEY=VALUE,..."
+        group.add_argument(flag(entry.name), **kw)
+        added[dest] = entry.name
+    return added
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, as ``qi.compose`` keywords."""
+    return {name: getattr(args, dest) for dest, name in getattr(args, "option_flags", {}).items()
+            if getattr(args, dest, None) is not None}  # fmt: skip
+
+
 def call_from_args(args: argparse.Namespace, flags: dict[str, str | None]) -> dict[str, Any]:
     """The call parameters the user gave (flags left out are not passed: the recipe's defaults apply). A
     single file for a "one image or a list" parameter is passed as one image."""

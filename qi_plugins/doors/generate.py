@@ -12,11 +12,17 @@ from typing import Any
 
 from qi_core.errors import InvalidInputError, QiError
 from qi_plugins.doors import launch
-from qi_plugins.doors.flags import add_parameter_flags, as_flag_error, call_from_args
+from qi_plugins.doors.flags import (
+    add_option_flags,
+    add_parameter_flags,
+    as_flag_error,
+    call_from_args,
+    options_from_args,
+)
 
 DEFAULT_PIPELINE = "qwen-image"
 #: Settings of a record that are not call parameters (``--from`` restores them as options).
-RUN_SETTINGS = ("pipeline", "model", "adapters", "loras", "memory", "dtype", "device", "qi_version",
+RUN_SETTINGS = ("pipeline", "model", "adapters", "loras", "memory", "options", "dtype", "device", "qi_version",
                 "inputs_sha256")  # fmt: skip
 
 
@@ -70,7 +76,7 @@ def configure(parser: argparse.ArgumentParser, argv: list[str] | None = None) ->
     launch.add_flags(parser)
     pipeline = pipeline_of(argv)
     parser.set_defaults(func=run, parameter_flags=_parameter_flags(parser, pipeline) if pipeline else {},
-                        command_argv=argv)  # fmt: skip
+                        option_flags=add_option_flags(parser), command_argv=argv)  # fmt: skip
 
 
 def _parameter_flags(parser: argparse.ArgumentParser, pipeline: str) -> dict[str, str | None]:
@@ -120,6 +126,9 @@ def _from(args: argparse.Namespace) -> dict[str, Any]:
     args.memory = args.memory or record.get("memory")
     args.dtype = args.dtype or record.get("dtype")
     args.device = args.device or record.get("device")
+    for dest, name in args.option_flags.items():
+        if getattr(args, dest, None) is None and name in record.get("options", {}):
+            setattr(args, dest, record["options"][name])
     return {k: v for k, v in record.items() if k not in RUN_SETTINGS}
 
 
@@ -252,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     memory = args.memory or "none"
     parts = {"step_runner": args.step_runner} if args.step_runner else {}
     pipe = qi.compose(args.pipeline, model=args.model, device=device, torch_dtype=dtype,
-                      adapters=args.adapter or (), memory=memory, **parts)  # fmt: skip
+                      adapters=args.adapter or (), memory=memory, **parts, **options_from_args(args))  # fmt: skip
     applied = []
     if loras:
         from qi_core.plugin_host import host
@@ -282,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
             if "num_images_per_prompt" in item:
                 item["num_images_per_prompt"] = 1
             meta = reproduction_record(pipe, item, pipeline=args.pipeline, model=args.model,
-                                       adapters=args.adapter or [], loras=applied, memory=memory)  # fmt: skip
+                                       adapters=args.adapter or [], loras=applied, memory=memory,
+                                       options=options_from_args(args))  # fmt: skip
             path = next(paths)
             for k, frame in enumerate(image if isinstance(image, list) else [image]):  # frames of one item
                 where = path if k == 0 else path.with_name(f"{path.stem}_frame{k}{path.suffix}")

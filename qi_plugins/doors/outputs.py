@@ -37,10 +37,11 @@ def part_name(part: Any) -> Any:
 
 
 def reproduction_record(pipe: Any, settings: dict[str, Any], *, pipeline: str, model: Any,
-                        adapters: list[str], loras: list[dict[str, Any]], memory: Any) -> dict[str, Any]:  # fmt: skip
+                        adapters: list[str], loras: list[dict[str, Any]], memory: Any,
+                        options: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """What reproduces a run: every call parameter with a JSON form, the pipeline, model, adapters, LoRA files
-    with their SHA-256, sampler, guidance, memory policy, dtype, device and qi version, and the SHA-256 of
-    every input file."""
+    with their SHA-256, sampler, guidance, memory policy, compose options, dtype, device and qi version, and the
+    SHA-256 of every input file."""
     import qi_core as qi
 
     meta = json_params(settings)
@@ -48,7 +49,7 @@ def reproduction_record(pipe: Any, settings: dict[str, Any], *, pipeline: str, m
         pipeline=pipeline, model=str(model or pipe.model), adapters=list(adapters), loras=loras,
         sampler=part_name(settings.get("sampler") or getattr(pipe, "sampler", None)),
         guidance=part_name(settings.get("guidance") or getattr(pipe, "guider", None)),
-        memory=memory, dtype=str(pipe.dtype).removeprefix("torch."), device=str(pipe.device),
+        memory=memory, options=dict(options or {}), dtype=str(pipe.dtype).removeprefix("torch."), device=str(pipe.device),
         qi_version=qi.__version__, inputs_sha256={f: sha256(f) for f in input_files(settings)},
     )  # fmt: skip
     return meta
