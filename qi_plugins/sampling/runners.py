@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -25,7 +26,16 @@ class Batched:
             sigma: torch.Tensor) -> dict[Hashable, torch.Tensor]:  # fmt: skip
         many = getattr(denoiser, "forward_many", None)
         if self.batch and len(inputs) > 1 and many is not None:
-            stack = len(getattr(state, "items", ())) > 1
+            stack = len(getattr(state, "items", ())) > 1 and takes_stack(many)
             preds = many(list(inputs.values()), stack=True) if stack else many(list(inputs.values()))
             return dict(zip(inputs, preds, strict=True))
         return {label: denoiser(inp) for label, inp in inputs.items()}
+
+
+def takes_stack(many: Any) -> bool:
+    """Whether a ``forward_many`` accepts ``stack=`` (one without it runs each input as its own, in a batch too)."""
+    try:
+        params = inspect.signature(many).parameters
+    except (TypeError, ValueError):
+        return False
+    return "stack" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -206,3 +206,31 @@ def test_bad_batches_are_refused_naming_the_parameter(kw, param, match, tiny_pip
     with pytest.raises(InvalidInputError, match=match) as e:
         pipe(**{**call(pipe), **kw})
     assert e.value.param == param
+
+
+def test_a_forward_many_without_stack_runs_a_batch_unstacked(tiny_pipeline):
+    """A third-party denoiser whose ``forward_many(inputs)`` has no ``stack``: a batch gets its inputs unstacked,
+    each still equal to its own run."""
+    from qi_plugins.sampling.runners import takes_stack
+
+    pipe = tiny_pipeline("qwen-image")
+    dit = pipe.dit
+
+    class Plain:  # the DiT behind a wrapper whose forward_many predates stacking
+        def __getattr__(self, name):
+            return getattr(dit, name)
+
+        def __call__(self, inp):
+            return dit(inp)
+
+        def forward_many(self, inputs):
+            return [dit(x) for x in inputs]
+
+    assert takes_stack(dit.forward_many) and not takes_stack(Plain().forward_many)
+    want = [pipe(**call(pipe, prompt=p, seed=SEED)) for p in PROMPTS]
+    pipe.components[pipe.roles["denoiser"]] = Plain()
+    try:
+        got = pipe(**call(pipe, prompt=PROMPTS, seed=SEED))
+    finally:
+        pipe.components[pipe.roles["denoiser"]] = dit
+    assert max(diff(a, b) for a, b in zip(got, want, strict=True)) <= TOLERANCE
