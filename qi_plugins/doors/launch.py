@@ -1,8 +1,9 @@
-"""``qi generate --nproc N [--cfg-parallel C] [--ulysses U]``: the command starts its own workers with torch's
-launcher (the elastic agent of ``torch.distributed.run``, one node, no restarts) and runs the same ``qi generate``
-in each with the ``parallel`` step runner. Rank 0 writes the image. A worker that fails stops the others; the
-launcher exits with that worker's first error line; Ctrl-C stops every worker and exits 130. Several nodes:
-``torchrun`` with its rendezvous (docs/parallel.md), where ``--cfg-parallel`` / ``--ulysses`` set the degrees."""
+"""``qi generate --nproc N [--cfg-parallel C] [--ulysses U | --ring R]``: the command starts its own workers
+with torch's launcher (the elastic agent of ``torch.distributed.run``, one node, no restarts) and runs the same
+``qi generate`` in each with the ``parallel`` step runner. Rank 0 writes the image. A worker that fails stops the
+others; the launcher exits with that worker's first error line; Ctrl-C stops every worker and exits 130. Several
+nodes: ``torchrun`` with its rendezvous (docs/parallel.md), where ``--cfg-parallel`` / ``--ulysses`` / ``--ring``
+set the degrees."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from typing import Any
 
 from qi_core.errors import InvalidInputError, QiError
 
-CFG_ENV, ULYSSES_ENV = "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES"  # what the parallel runner reads
-FLAGS = ("--nproc", "--cfg-parallel", "--ulysses")  # the launcher's own; the workers do not get them
+# what the parallel runner reads; the launcher's own flags (the workers do not get them)
+CFG_ENV, ULYSSES_ENV, RING_ENV = "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES", "QI_PARALLEL_RING"
+FLAGS = ("--nproc", "--cfg-parallel", "--ulysses", "--ring")
 ERROR_PREFIX = "qi: error: "
 
 
@@ -26,62 +28,77 @@ class WorkerFailedError(QiError):
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="processes on this machine: starts N workers with torch's launcher and the parallel "
-                        "step runner (--seed required; default 1, or C×U)")  # fmt: skip
+                        "step runner (--seed required; default 1, or C×U×R)")  # fmt: skip
     parser.add_argument("--cfg-parallel", type=int, default=None, metavar="C",
                         help="CFG-parallel degree: the guidance sides on C process groups")  # fmt: skip
     parser.add_argument("--ulysses", type=int, default=None, metavar="U",
                         help="Ulysses degree: each input's tokens split over U processes")  # fmt: skip
+    parser.add_argument("--ring", type=int, default=None, metavar="R",
+                        help="ring-attention degree: each input's tokens split over R processes, every head on "
+                        "each (any head count; not with --ulysses)")  # fmt: skip
 
 
 def inside_launcher() -> bool:
     return "RANK" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def degrees(args: argparse.Namespace) -> tuple[int, int, int]:
-    """(processes, cfg, ulysses) of ``--nproc`` / ``--cfg-parallel`` / ``--ulysses``; checked before anything
-    starts. One degree missing is the processes over the other; none: cfg 2 on an even count, the rest Ulysses."""
-    n, c, u = args.nproc, args.cfg_parallel, args.ulysses
-    for value, flag in ((n, "--nproc"), (c, "--cfg-parallel"), (u, "--ulysses")):
+def degrees(args: argparse.Namespace) -> tuple[int, int, int, int]:
+    """(processes, cfg, ulysses, ring) of ``--nproc`` / ``--cfg-parallel`` / ``--ulysses`` / ``--ring``; checked
+    before anything starts. Ring is 1 unless given (then a missing Ulysses degree is 1); one of cfg and ulysses
+    missing is what the processes leave for it; none: cfg 2 on an even count, the rest Ulysses."""
+    n, c, u, r = args.nproc, args.cfg_parallel, args.ulysses, getattr(args, "ring", None)
+    for value, flag in ((n, "--nproc"), (c, "--cfg-parallel"), (u, "--ulysses"), (r, "--ring")):
         if value is not None and value < 1:
             raise InvalidInputError(f"{flag} must be a positive integer, got {value}")
+    if (u or 1) > 1 and (r or 1) > 1:
+        raise InvalidInputError("--ulysses and --ring do not combine: split the sequence with one of them")
+    r = r or 1
+    if r > 1 and u is None:
+        u = 1
     if n is None:
-        n = (c or 1) * (u or 1)
+        n = (c or 1) * (u or 1) * r
+    if n % r:
+        raise InvalidInputError(f"--ring {r} must divide --nproc {n}: the degrees' product is the processes")
+    m = n // r  # the processes ring leaves to cfg × ulysses
     if c is None and u is None:
-        c = 2 if n % 2 == 0 else 1
+        c = 2 if m % 2 == 0 else 1
     if c is None:
-        c = n // u if n % u == 0 else 0
+        c = m // u if m % u == 0 else 0
     if u is None:
-        u = n // c if n % c == 0 else 0
+        u = m // c if m % c == 0 else 0
     if not c or not u:
         flag, value = ("--cfg-parallel", c) if args.cfg_parallel is not None else ("--ulysses", u)
         value = args.cfg_parallel if args.cfg_parallel is not None else args.ulysses
         raise InvalidInputError(
             f"{flag} {value} must divide --nproc {n}: the degrees' product is the processes"
         )
-    if c * u != n:
+    if c * u * r != n:
+        product = f"--cfg-parallel {c} × " + (f"--ring {r}" if r > 1 else f"--ulysses {u}")
         raise InvalidInputError(
-            f"--cfg-parallel {c} × --ulysses {u} = {c * u} must equal --nproc {n} (the processes on this machine)"
+            f"{product} = {c * u * r} must equal --nproc {n} (the processes on this machine)"
         )
-    return n, c, u
+    return n, c, u, r
 
 
 def prepare(args: argparse.Namespace) -> int:
     """Check the launcher flags and return the number of processes the run will have (1: no launcher).
 
-    Inside a launcher (torchrun), ``--cfg-parallel`` / ``--ulysses`` only set the parallel runner's degrees."""
-    given = any(v is not None for v in (args.nproc, args.cfg_parallel, args.ulysses))
+    Inside a launcher (torchrun), ``--cfg-parallel`` / ``--ulysses`` / ``--ring`` only set the parallel runner's
+    degrees."""
+    ring = getattr(args, "ring", None)
+    given = any(v is not None for v in (args.nproc, args.cfg_parallel, args.ulysses, ring))
     if not given:
         return int(os.environ.get("WORLD_SIZE", "1"))
     if inside_launcher():
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        for value, env in ((args.cfg_parallel, CFG_ENV), (args.ulysses, ULYSSES_ENV)):
+        for value, env in ((args.cfg_parallel, CFG_ENV), (args.ulysses, ULYSSES_ENV), (ring, RING_ENV)):
             if value is not None:
                 if value < 1:
                     raise InvalidInputError(f"degrees must be positive integers, got {value}")
                 os.environ[env] = str(value)
         args.step_runner = args.step_runner or "parallel"
         return world
-    n, c, u = degrees(args)
+    n, c, u, r = degrees(args)
     if n > 1:
         if args.step_runner not in (None, "parallel"):
             raise InvalidInputError(
@@ -92,7 +109,7 @@ def prepare(args: argparse.Namespace) -> int:
 
         if host().pm.get_plugin("parallel") is None:
             raise InvalidInputError("--nproc needs the parallel plugin, which is disabled or not installed")
-        args.launch_degrees = (n, c, u)
+        args.launch_degrees = (n, c, u, r)
     return n
 
 
@@ -143,7 +160,7 @@ def launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    n, c, u = args.launch_degrees
+    n, c, u, r = args.launch_degrees
     log_dir = tempfile.mkdtemp(prefix="qi-launch-")
     config = LaunchConfig(
         min_nodes=1,
@@ -158,14 +175,14 @@ def launch(args: argparse.Namespace) -> int:
         shutdown_timeout=5,  # SIGKILL what has not stopped 5 s after the stop signal
     )
     command = [sys.executable, "-m", "qi_core.cli", "generate", *worker_argv(_own_argv(args))]
-    saved_env = {k: os.environ.get(k) for k in (CFG_ENV, ULYSSES_ENV, "OMP_NUM_THREADS")}
+    saved_env = {k: os.environ.get(k) for k in (CFG_ENV, ULYSSES_ENV, RING_ENV, "OMP_NUM_THREADS")}
     saved_signals = {
         s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     }
     quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
              if name.startswith("torch.distributed.elastic")]  # fmt: skip
     levels = [logger.level for logger in quiet]
-    os.environ[CFG_ENV], os.environ[ULYSSES_ENV] = str(c), str(u)
+    os.environ[CFG_ENV], os.environ[ULYSSES_ENV], os.environ[RING_ENV] = str(c), str(u), str(r)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))  # torchrun's default: 1
     for logger in quiet:  # the agent's notices; the outcome is reported below
         logger.setLevel(logging.CRITICAL)

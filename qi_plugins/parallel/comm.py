@@ -1,6 +1,7 @@
-"""The process mesh (``cfg × ulysses`` ranks) and the collectives the runner uses, all torch.distributed: NCCL on
-CUDA, gloo on CPU. Ranks ``c·U … c·U + U - 1`` form the Ulysses (sequence) group of CFG index ``c``; ranks with
-the same Ulysses index ``u`` form a CFG group."""
+"""The process mesh (``cfg × sequence`` ranks) and the collectives the runner uses, all torch.distributed: NCCL on
+CUDA, gloo on CPU. The sequence degree is the Ulysses or the ring degree (S = ulysses · ring, one of them 1):
+ranks ``c·S … c·S + S - 1`` form the sequence group of CFG index ``c``; ranks with the same sequence index form
+a CFG group."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from qi_plugins.parallel.errors import ParallelConfigError
 
-CFG_ENV, ULYSSES_ENV = "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES"
+CFG_ENV, ULYSSES_ENV, RING_ENV = "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES", "QI_PARALLEL_RING"
 
 
 @dataclass(frozen=True)
@@ -21,17 +22,23 @@ class Mesh:
     world: int
     rank: int
     cfg: int  # CFG degree: how many groups share out the guidance sides
-    ulysses: int  # sequence-parallel degree: how many ranks share one input's tokens
-    cfg_group: Any = None  # this rank's CFG peers (same Ulysses index), None when cfg = 1
-    sp_group: Any = None  # this rank's Ulysses group, None when ulysses = 1
+    ulysses: int  # Ulysses degree: how many ranks share one input's tokens, exchanging heads
+    cfg_group: Any = None  # this rank's CFG peers (same sequence index), None when cfg = 1
+    sp_group: Any = None  # this rank's sequence group (Ulysses or ring), None when both degrees are 1
+    ring: int = 1  # ring degree: how many ranks share one input's tokens, passing k/v round
+
+    @property
+    def sp(self) -> int:
+        """The sequence-parallel degree: ranks that share one input's tokens."""
+        return self.ulysses * self.ring
 
     @property
     def cfg_rank(self) -> int:
-        return self.rank // self.ulysses
+        return self.rank // self.sp
 
     @property
     def sp_rank(self) -> int:
-        return self.rank % self.ulysses
+        return self.rank % self.sp
 
 
 def _degree(value: Any, env: str, what: str) -> int | None:
@@ -51,22 +58,47 @@ def positive(value: Any, what: str) -> int:
     return n
 
 
-def degrees(cfg: Any, ulysses: Any, world: int) -> tuple[int, int]:
-    """The (cfg, ulysses) degrees for ``world`` processes: the given ones (else ``QI_PARALLEL_CFG`` /
-    ``QI_PARALLEL_ULYSSES``); one missing is the world size over the other; none: cfg 2 on an even world,
-    the rest Ulysses. Their product must be the world size."""
+def mesh_degrees(cfg: Any, ulysses: Any, ring: Any, world: int) -> tuple[int, int, int]:
+    """The (cfg, ulysses, ring) degrees for ``world`` processes: the given ones (else ``QI_PARALLEL_CFG`` /
+    ``QI_PARALLEL_ULYSSES`` / ``QI_PARALLEL_RING``). Ring is never chosen for you (default 1); with ring > 1 a
+    missing Ulysses degree is 1. Then one of cfg and ulysses missing is what the world size leaves for it; none:
+    cfg 2 when an even number of ranks is left, the rest Ulysses. The product must be the world size, and
+    Ulysses and ring do not combine (one of them is 1)."""
     c, u = _degree(cfg, CFG_ENV, "cfg"), _degree(ulysses, ULYSSES_ENV, "ulysses")
+    r = _degree(ring, RING_ENV, "ring") or 1
+    one_sequence_split(u, r)
+    if r > 1 and u is None:
+        u = 1
+    rest = max(1, world // r)
     if c is None and u is None:
-        c = 2 if world % 2 == 0 else 1
+        c = 2 if rest % 2 == 0 else 1
     if c is None:
-        c = max(1, world // u)
+        c = max(1, rest // u)
     if u is None:
-        u = max(1, world // c)
-    if c * u != world:
-        raise ParallelConfigError(
-            f"cfg={c} × ulysses={u} needs {c * u} processes, but the process group has {world}; launch "
-            f"`torchrun --nproc-per-node {c * u}` or choose degrees whose product is {world}"
+        u = max(1, rest // c)
+    if c * u * r != world:
+        what = " × ".join(
+            [f"cfg={c}", *([f"ulysses={u}"] if r == 1 else []), *([f"ring={r}"] if r > 1 else [])]
         )
+        raise ParallelConfigError(
+            f"{what} needs {c * u * r} processes, but the process group has {world}; launch "
+            f"`torchrun --nproc-per-node {c * u * r}` or choose degrees whose product is {world}"
+        )
+    return c, u, r
+
+
+def one_sequence_split(ulysses: int | None, ring: int | None) -> None:
+    """Refuse Ulysses and ring together (both degrees above 1)."""
+    if (ulysses or 1) > 1 and (ring or 1) > 1:
+        raise ParallelConfigError(
+            f"ulysses={ulysses} with ring={ring}: Ulysses and ring attention do not combine; split the sequence "
+            "with one of them (ring also works when the heads do not divide by the degree)"
+        )
+
+
+def degrees(cfg: Any, ulysses: Any, world: int) -> tuple[int, int]:
+    """The (cfg, ulysses) degrees without ring attention: :func:`mesh_degrees` with ring 1."""
+    c, u, _ = mesh_degrees(cfg, ulysses, 1, world)
     return c, u
 
 
@@ -86,20 +118,21 @@ def init(device: torch.device) -> tuple[int, int]:
     return dist.get_world_size(), dist.get_rank()
 
 
-def make_mesh(cfg: Any, ulysses: Any, device: torch.device) -> Mesh:
+def make_mesh(cfg: Any, ulysses: Any, device: torch.device, ring: Any = None) -> Mesh:
     world, rank = init(device)
-    c, u = degrees(cfg, ulysses, world)
+    c, u, r = mesh_degrees(cfg, ulysses, ring, world)
+    s = u * r  # the sequence group's size
     cfg_group = sp_group = None
     if world > 1:  # every rank creates every group, in one order
         for k in range(c):
-            g = dist.new_group([k * u + j for j in range(u)])
-            if k == rank // u:
+            g = dist.new_group([k * s + j for j in range(s)])
+            if k == rank // s:
                 sp_group = g
-        for j in range(u):
-            g = dist.new_group([k * u + j for k in range(c)])
-            if j == rank % u:
+        for j in range(s):
+            g = dist.new_group([k * s + j for k in range(c)])
+            if j == rank % s:
                 cfg_group = g
-    return Mesh(world, rank, c, u, cfg_group if c > 1 else None, sp_group if u > 1 else None)
+    return Mesh(world, rank, c, u, cfg_group if c > 1 else None, sp_group if s > 1 else None, r)
 
 
 def gather_tokens(x: torch.Tensor, sizes: list[int], group: Any) -> torch.Tensor:

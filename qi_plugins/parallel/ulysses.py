@@ -1,8 +1,8 @@
 """Ulysses sequence parallelism over the joint sequence, exact for uneven lengths.
 
 Each rank of a Ulysses group of P ranks keeps a contiguous part of the text stream and of the image stream
-(target, then appended image tokens), each stream cut on its own into P parts whose sizes differ by at most
-one: so the per-stream operations (norms, modulation, MLPs, RoPE, the per-token modulation index of edit's
+(target, then appended image tokens), each stream cut on its own into parts whose sizes differ by at most one
+(a stream too short to give every rank ``MIN_PART`` tokens goes to fewer ranks, the others hold none of it): so the per-stream operations (norms, modulation, MLPs, RoPE, the per-token modulation index of edit's
 zero-t tokens) run unchanged on the part. Around attention, q/k/v (after RoPE) go to the rank owning their
 heads with one ``all_to_all_single`` of uneven splits: every rank then holds H/P heads of every token, in
 rank-major order ``[txt_0, img_0, txt_1, img_1, …]``, which one index puts back into the joint order
@@ -23,10 +23,17 @@ from qi_core.protocols import DenoiseInput
 from qi_plugins.parallel.comm import all_to_all, gather_tokens
 from qi_plugins.parallel.errors import ParallelConfigError
 
+#: The fewest tokens of a stream a rank computes, unless it computes none. A BLAS may multiply a matrix of
+#: fewer than 4 rows with other kernels than the same rows inside a larger one (MKL does), so such a part would
+#: not sum like one process; and a part that small costs more to exchange than it saves.
+MIN_PART = 4
 
-def balanced(n: int, parts: int) -> list[int]:
-    """``n`` tokens cut into ``parts`` contiguous runs, the first ``n % parts`` one longer."""
-    return [n // parts + (r < n % parts) for r in range(parts)]
+
+def balanced(n: int, parts: int, minimum: int = 1) -> list[int]:
+    """``n`` tokens cut into ``parts`` contiguous runs whose sizes differ by at most one (the first ``n % k``
+    one longer), over as many ranks ``k`` as can each take ``minimum``; the other ranks get none."""
+    k = max(1, min(parts, n // max(1, minimum)))
+    return [n // k + (r < n % k) if r < k else 0 for r in range(parts)]
 
 
 class UlyssesSplit:
@@ -41,12 +48,19 @@ class UlyssesSplit:
 
     def part(self, inp: DenoiseInput, n_txt: int, n_img: int, mask: Any) -> Part:
         if callable(mask):
-            raise ParallelConfigError("Ulysses runs each input on its own; its mask must be a tensor or None")
-        part = Part(self, balanced(n_txt, self.size), balanced(n_img, self.size), mask)
+            raise ParallelConfigError(
+                "a sequence split runs each input on its own; its mask must be a tensor or None"
+            )
+        cut = lambda n: balanced(n, self.size, MIN_PART)  # noqa: E731
+        part = self.new_part(cut(n_txt), cut(n_img), mask)
         for hook in inp.block_hooks:
             if isinstance(hook, WholeStreamHooks):
                 hook.part = part
         return part
+
+    def new_part(self, txt_sizes: list[int], img_sizes: list[int], mask: Any) -> Part:
+        """This rank's part of an input, the streams cut into ``txt_sizes`` and ``img_sizes``."""
+        return Part(self, txt_sizes, img_sizes, mask)
 
 
 class Part:
@@ -72,7 +86,8 @@ class Part:
         B, S_r, H, D = q.shape
         if H % P:
             raise ParallelConfigError(
-                f"ulysses={P} must divide the attention heads ({H}); choose a Ulysses degree that divides {H}"
+                f"ulysses={P} must divide the attention heads ({H}); choose a Ulysses degree that divides {H}, "
+                f"or ring attention (ring={P})"
             )
         Hp, dev = H // P, q.device
         # q/k/v, head group j to rank j: (P, 3, B, S_r, Hp, D)

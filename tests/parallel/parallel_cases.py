@@ -73,6 +73,23 @@ def run_case(pipe, case: str, steps: int = STEPS) -> torch.Tensor:
     return latents(pipe(**call(case, steps)))
 
 
+def run_ranks(main, world: int, jobs: list, folder: Path, start_method: str = "spawn") -> None:
+    """Run ``main(rank, world, port, jobs, folder)`` on ``world`` processes; a failure raises with every rank's
+    ``error.{rank}.txt``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    began = time.perf_counter()
+    try:
+        mp.start_processes(main, args=(world, free_port(), jobs, str(folder)), nprocs=world,
+                           start_method=start_method)  # fmt: skip
+    except Exception:
+        errors = sorted(Path(folder).glob("error.*.txt"))
+        raise AssertionError("\n".join(e.read_text() for e in errors) or "a rank failed") from None
+    print(f"\n{world} ranks: {time.perf_counter() - began:.1f} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from qi_core.cli import main
@@ -89,10 +90,17 @@ def _launch(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def _single(cache: str, monkeypatch, out: Path, *extra: str) -> Path:
+    """One process, in this one, on the workers' thread count (OMP_NUM_THREADS=1): a BLAS may sum in another
+    order on another number of threads."""
     monkeypatch.setenv("QI_CACHE_DIR", cache)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    assert main(["generate", *ARGS, *extra, "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["generate", *ARGS, *extra, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

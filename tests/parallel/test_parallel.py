@@ -5,12 +5,9 @@ ranks, and the typed errors (degrees against the world size, heads against the U
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from parallel_cases import CASES, STEPS, free_port, load_result, rank_main, run_case
+from parallel_cases import CASES, STEPS, load_result, rank_main, run_case, run_ranks
 from tolerance import check_float32_gap, pipeline_terms
 
 import qi_core as qi
@@ -31,7 +28,7 @@ def env(tmp_path_factory):
     """QI_CACHE_DIR (the tiny models, built here once and read by the ranks), no launcher variables."""
     with pytest.MonkeyPatch.context() as mp_:
         mp_.setenv("QI_CACHE_DIR", str(tmp_path_factory.mktemp("qi-cache")))
-        for name in ("WORLD_SIZE", "RANK", "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES"):
+        for name in ("WORLD_SIZE", "RANK", "QI_PARALLEL_CFG", "QI_PARALLEL_ULYSSES", "QI_PARALLEL_RING"):
             mp_.delenv(name, raising=False)
         yield
 
@@ -64,13 +61,7 @@ def single(pipes):
 
 def spawn(world: int, jobs: list, folder) -> dict:
     """Run ``jobs`` on ``world`` gloo ranks; {(cfg, ulysses, case): [each rank's {"latents", "parts"}]}."""
-    began = time.perf_counter()
-    try:
-        mp.spawn(rank_main, args=(world, free_port(), jobs, str(folder)), nprocs=world)
-    except Exception:
-        errors = sorted(folder.glob("error.*.txt"))
-        raise AssertionError("\n".join(e.read_text() for e in errors) or "a rank failed") from None
-    print(f"{world} ranks: {time.perf_counter() - began:.1f} s")
+    run_ranks(rank_main, world, jobs, folder)
     return {(c, u, case): [load_result(folder / f"{c}x{u}.{case}.{r}.safetensors") for r in range(world)]
             for c, u, cases, _ in jobs for case in cases}  # fmt: skip
 
