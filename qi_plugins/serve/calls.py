@@ -51,6 +51,7 @@ class Call:
     output_format: str = "png"
     quality: int = 95
     loras: list[LoraChoice] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # registered per-call options (``cache``)
 
     @property
     def seeds(self) -> list[int]:
@@ -59,6 +60,27 @@ class Call:
     def settings(self, pipe: Any) -> dict[str, Any]:
         """Every call parameter with a JSON form, defaults filled in (images and the progress bar left out)."""
         return json_params({**pipe.parameters(), **self.params, "seed": self.seed})
+
+
+def call_options() -> dict[str, Any]:
+    """The registered options a request may give (``per_call``), by name and alias: {name: registry entry}."""
+    from qi_core.plugin_host import host
+
+    entries = [e for e in host().registry.entries("option") if e.meta.get("per_call")]
+    return {n: e for e in entries for n in (e.name, *e.aliases)}
+
+
+def _check_option(entry: Any, name: str, value: Any) -> None:
+    """An option's own ``check`` (from its registration), its error naming the field."""
+    from qi_core.errors import InvalidInputError
+    from qi_core.registry import Entry
+
+    check = entry.meta.get("check")
+    if check is not None:
+        try:
+            Entry("option", name, check, entry.plugin).load()(value)
+        except InvalidInputError as e:
+            raise invalid(str(e), name) from None
 
 
 def settable(spec: dict[str, Any]) -> bool:
@@ -171,6 +193,9 @@ def form_fields(pipe: Any, specs: dict[str, dict[str, Any]], form: list[tuple[st
             raise invalid(f"{name} is given {len(values)} times", name)
         if name in TEXT_FIELDS:
             types = {"string"}
+        elif name not in specs and name in call_options():  # a name, JSON settings, or true/false
+            fields[name] = _option_text(values[0])
+            continue
         elif name in specs:
             types = _types(specs[name]["type"])
         else:
@@ -183,6 +208,13 @@ def form_fields(pipe: Any, specs: dict[str, dict[str, Any]], form: list[tuple[st
     if loras:
         fields["loras"] = _form_loras(loras)
     return fields, files
+
+
+def _option_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _form_loras(entries: list[tuple[str, str, str]]) -> list[dict[str, Any]]:
@@ -245,11 +277,16 @@ def parse_request(pipe: Any, specs: dict[str, dict[str, Any]], fields: dict[str,
     chosen = loras.parse(fields.pop("loras", None)) if loras else no_loras(fields.pop("loras", None))
 
     call: dict[str, Any] = {}
+    options, per_call = {}, call_options()
     for name, value in fields.items():
         spec = specs.get(name)
+        if spec is None and name in per_call:
+            _check_option(per_call[name], name, value)
+            options[name] = value
+            continue
         if spec is None:
             close = difflib.get_close_matches(
-                name, [*OPENAI, *(k for k, s in specs.items() if settable(s))], n=1
+                name, [*OPENAI, *per_call, *(k for k, s in specs.items() if settable(s))], n=1
             )
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise invalid(f"unknown field {name!r} for pipeline {pipe.name!r}{hint}", name)
@@ -278,7 +315,7 @@ def parse_request(pipe: Any, specs: dict[str, dict[str, Any]], fields: dict[str,
         )
     params = {k: checked[k] for k in call}
     _check_size({**pipe.parameters(), **params}, pipe.size_multiple, max_pixels, "size" if size else "height")
-    return Call(params, seed, n, response_format, output_format, quality, chosen)
+    return Call(params, seed, n, response_format, output_format, quality, chosen, options)
 
 
 def _size(call: dict[str, Any], size: Any, uploads: dict[str, list[Any]], multiple: int) -> None:

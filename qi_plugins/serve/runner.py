@@ -18,14 +18,14 @@ from qi_plugins.serve.loras import LoraFolder
 
 def record(pipe: Any, call: Call, seed: int, loras: LoraFolder | None) -> dict[str, Any]:
     """What reproduces one image (the record ``qi generate`` writes): every JSON call parameter, the pipeline,
-    model, LoRAs (by name, with SHA-256), sampler, guidance, dtype, device and qi version."""
+    model, LoRAs (by name, with SHA-256), sampler, guidance, per-call options, dtype, device and qi version."""
     chosen = (
         [{"name": c.name, "scale": c.scale, "sha256": loras.sha256(c.path)} for c in call.loras]
         if loras
         else []
     )
     return reproduction_record(pipe, {**call.settings(pipe), "seed": seed}, pipeline=pipe.name, model=pipe.model,
-                               adapters=[], loras=chosen, memory=None)  # fmt: skip
+                               adapters=[], loras=chosen, memory=None, options=call.options)  # fmt: skip
 
 
 def run_call(pipe: Any, job: Job, out_dir: Path, loras: LoraFolder | None = None) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def run_call(pipe: Any, job: Job, out_dir: Path, loras: LoraFolder | None = None
         for choice in call.loras:
             applied.append(load_lora(pipe, choice.path, choice.scale))
         for j, seed in enumerate(call.seeds):
-            out = pipe(**call.params, seed=seed, progress_bar_cmd=job.progress_bar(j, call.n))
+            out = pipe(**call.params, **call.options, seed=seed, progress_bar_cmd=job.progress_bar(j, call.n))
             meta = record(pipe, call, seed, loras)
             for k, image in enumerate(out if isinstance(out, list) else [out]):
                 name = f"{job.id}-{j}{f'-{k}' if isinstance(out, list) else ''}{suffix}"

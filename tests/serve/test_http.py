@@ -72,6 +72,8 @@ def test_api_key(serve):
         ({"response_format": "jpeg"}, "response_format"),
         ({"model": "dall-e-3"}, "model"),
         ({"loras": [{"name": "x"}]}, "loras"),
+        ({"cache": "bogus"}, "cache"),
+        ({"compile": True}, "compile"),
     ],
 )
 def test_invalid_field_is_400_naming_it(serve, fields, param):
@@ -247,3 +249,26 @@ def test_workers_share_the_one_queue(tmp_path, monkeypatch):
     want = direct(pipes[0], prompt="a fox", height=64, width=64, num_inference_steps=2, seed=3)
     for r in results:
         assert np.array_equal(pixels(base64.b64decode(r.json()["data"][0]["b64_json"])), want)
+
+
+def test_a_per_call_option_is_a_field(serve):
+    """``cache`` (a per-call option of the cache plugin) as a JSON or form field: the image of the same call in
+    Python, and the option in the image's record."""
+    pipe = tiny("qwen-image")
+    base = serve(pipe)
+    fields = {"prompt": "a red cube", "size": "32x32", "num_inference_steps": 12, "seed": 3, "cfg_scale": 1.0}
+    cache = {"threshold": 0.6}
+    got = post(base, json={**fields, "cache": cache})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["parameters"]["options"] == {"cache": cache}
+    want = pipe("a red cube", height=32, width=32, num_inference_steps=12, seed=3, cfg_scale=1.0, cache=cache,
+                progress_bar_cmd=lambda x: x)  # fmt: skip
+    plain = pipe("a red cube", height=32, width=32, num_inference_steps=12, seed=3, cfg_scale=1.0,
+                 progress_bar_cmd=lambda x: x)  # fmt: skip
+    image = pixels(base64.b64decode(body["data"][0]["b64_json"]))
+    assert np.array_equal(image, np.asarray(want)) and not np.array_equal(image, np.asarray(plain))
+    from qi_plugins.serve.calls import declared, form_fields
+
+    for text, value in ((json.dumps(cache), cache), ("fbcache", "fbcache"), ("true", True)):  # a form's field
+        assert form_fields(pipe, declared(pipe), [("prompt", "x"), ("cache", text)])[0]["cache"] == value
