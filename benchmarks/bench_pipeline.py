@@ -3,7 +3,8 @@
     python benchmarks/bench_pipeline.py [--blocks 8 --width 768 --size 512 --steps 4 --repeats 3]
 
 Prints the median of each measurement and the ratio qi / diffusers (lower is better) for the denoising loop,
-the VAE decode and the whole pipeline (text encoding + loop + decode). Float32 on CPU unless --device cuda.
+the VAE decode and the whole pipeline (text encoding + loop + decode). Float32 on CPU unless --device cuda. On
+CPU also the roofline: each loop's time against its FLOPs at the float32 GEMM peak measured beside it.
 """
 
 from __future__ import annotations
@@ -100,23 +101,26 @@ def main() -> None:
         fn()
     print(f"model: {args.blocks} blocks x width {args.width}, VAE base {args.vae_base}, {args.size}x{args.size}, "
           f"{args.steps} steps, CFG on, {dtype}, {args.device}, {torch.get_num_threads()} threads")  # fmt: skip
-    medians: dict[str, tuple[float, float]] = {}
+    loops: tuple[list[float], list[float], list[float]] = ([], [], [])
     print(f"{'measurement':<16} {'qi (s)':>9} {'diffusers (s)':>14} {'ratio':>7}")
     for name, (a, b) in pairs.items():
-        ta, tb = [], []
+        ta, tb, peaks = [], [], []
         for _ in range(args.repeats):
+            if name == "denoising loop" and args.device == "cpu":  # the machine's speed beside each pair
+                peaks.append(gemm_peak())
             ta.append(timed(a))
             tb.append(timed(b))
         ma, mb = statistics.median(ta), statistics.median(tb)
         print(f"{name:<16} {ma:>9.3f} {mb:>14.3f} {ma / mb:>7.2f}")
-        medians[name] = (ma, mb)
+        if name == "denoising loop":
+            loops = (ta, tb, peaks)
     if args.device == "cpu":
-        roofline(ref_loop, *medians["denoising loop"])
+        roofline(ref_loop, *loops)
 
 
-def gemm_peak() -> float:
+def gemm_peak(tries: int = 3) -> float:
     """FLOP/s of the fastest float32 GEMM this torch has here: a large square product through ``kernels.linear``
-    on each of its paths (oneDNN where this build has it, and the BLAS), best of 5 each."""
+    on each of its paths (oneDNN where this build has it, and the BLAS), best of ``tries`` each."""
     from qi_plugins.qwen_image import kernels
 
     n = 2048
@@ -126,12 +130,13 @@ def gemm_peak() -> float:
     for path in paths:
         with path():
             kernels.linear(layer, a)
-            best = max(best, *(2 * n**3 / timed(lambda: kernels.linear(layer, a)) for _ in range(5)))
+            best = max(best, *(2 * n**3 / timed(lambda: kernels.linear(layer, a)) for _ in range(tries)))
     return best
 
 
-def roofline(ref_loop, ours: float, theirs: float) -> None:
-    """How close both loops are to the machine: the loop's FLOPs (counted on the reference) at GEMM peak."""
+def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float]) -> None:
+    """How close both loops are to the machine: the loop's FLOPs (counted on the reference) at the GEMM peak
+    measured just before each pair of runs (a shared machine's speed drifts), the median over the pairs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:  # QKᵀ and PV; CPU flash is unlisted
@@ -142,11 +147,13 @@ def roofline(ref_loop, ours: float, theirs: float) -> None:
     counter = FlopCounterMode(display=False, custom_mapping={cpu_flash: attention_flops})
     with counter:
         ref_loop()
-    flops, peak = counter.get_total_flops(), gemm_peak()
-    floor = flops / peak
-    print(f"loop work {flops / 1e9:.0f} GFLOP; float32 GEMM peak here {peak / 1e9:.0f} GFLOP/s -> "
-          f"{floor:.3f} s at peak = {floor / theirs:.2f} x diffusers (the lowest ratio at the same maths); "
-          f"qi runs at {flops / ours / 1e9:.0f} GFLOP/s, diffusers at {flops / theirs / 1e9:.0f}")  # fmt: skip
+    flops = counter.get_total_flops()
+    ratio = statistics.median(t * p / flops for t, p in zip(ours, peaks, strict=True))
+    ref_ratio = statistics.median(t * p / flops for t, p in zip(theirs, peaks, strict=True))
+    print(f"loop work {flops / 1e9:.0f} GFLOP; float32 GEMM peak here {min(peaks) / 1e9:.0f}–{max(peaks) / 1e9:.0f} "
+          f"GFLOP/s over the runs -> qi's loop {ratio:.2f} x the time at peak, diffusers' {ref_ratio:.2f} x "
+          f"(qi {flops / statistics.median(ours) / 1e9:.0f} GFLOP/s, diffusers "
+          f"{flops / statistics.median(theirs) / 1e9:.0f})")  # fmt: skip
 
 
 if __name__ == "__main__":
