@@ -30,6 +30,7 @@ from qi_plugins.serve.calls import (
     declared,
     decode_image,
     form_fields,
+    option_specs,
     parse_request,
     settable,
     upload_targets,
@@ -210,7 +211,7 @@ def create_app(pipe: Any, *, api_key: str | None = None, queue: int = 16, lora_d
         return {
             "name": pipe.name,
             "model": str(pipe.model),
-            "parameters": [s for s in specs.values() if settable(s)],
+            "parameters": [*(s for s in specs.values() if settable(s)), *option_specs()],
             "required": list(pipe.required),
             "image_parameter": image_param,
             "mask_parameter": mask_param,

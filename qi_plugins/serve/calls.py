@@ -70,6 +70,14 @@ def call_options() -> dict[str, Any]:
     return {n: e for e in entries for n in (e.name, *e.aliases)}
 
 
+def option_specs() -> list[dict[str, Any]]:
+    """The per-call options as the page's form lists parameters: a name, or JSON settings (kind ``option``)."""
+    schema = {"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "boolean"}, {"type": "null"}]}
+    return [{"name": e.name, "type": schema, "default": None, "description": e.meta.get("help", ""),
+             "required": False, "kind": "option"}
+            for e in {id(e): e for e in call_options().values()}.values()]  # fmt: skip
+
+
 def _check_option(entry: Any, name: str, value: Any) -> None:
     """An option's own ``check`` (from its registration), its error naming the field."""
     from qi_core.errors import InvalidInputError

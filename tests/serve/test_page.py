@@ -50,7 +50,10 @@ def test_page_form_progress_and_gallery(serve, tmp_path):
         assert driver.find_element(By.NAME, "tiled").get_attribute("type") == "checkbox"
         assert driver.find_element(By.NAME, "input_image").get_attribute("type") == "file"
         assert driver.find_element(By.NAME, "seed").get_attribute("type") == "number"
+        assert driver.find_element(By.NAME, "cache").get_attribute("type") == "text"  # a per-call option
         fill(driver, "prompt", "a red fox in the snow")
+        driver.execute_script("document.getElementById('more').open = true")  # the other parameters
+        fill(driver, "cache", "fbcache")
         fill(driver, "seed", "5")
         fill(driver, "width", "32")
         fill(driver, "height", "32")
