@@ -44,8 +44,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
 
     from qi_core.devices import check_device
     from qi_core.loading import component_folder, component_source, load_component, resolve_model_root
-    from qi_core.pipeline import Pipeline, apply_options, build_part
-    from qi_core.registry import Entry
+    from qi_core.pipeline import Pipeline, apply_options, build_part, check_option
 
     reg = host().registry
     recipe = reg.get("pipeline", name).load()
@@ -55,9 +54,7 @@ def compose(name: str, model: str | os.PathLike | None = None, *, device: str = 
              for kind, spec in (("guider", guidance or recipe.guidance), ("sampler", sampler or recipe.sampler),
                                 ("step_runner", step_runner))}  # fmt: skip
     for key, value in options.items():  # known and checked before any weight loads
-        check = reg.get("option", key).meta.get("check")
-        if check is not None:
-            Entry("option", key, check, "").load()(value)
+        check_option(key, value)
     backend = reg.get("attention", attention).load() if isinstance(attention, str) else attention
     dtype = torch_dtype or default_dtype(device)
     if not isinstance(dtype, torch.dtype):

@@ -157,6 +157,19 @@ def apply_options(pipe: Any, options: dict[str, Any], *, call: bool = False) -> 
     return undos
 
 
+def check_option(name: str, value: Any) -> None:
+    """Refuse a bad value of the registered option ``name`` with its ``check`` (imported once), before any use."""
+    from qi_core.plugin_host import host
+    from qi_core.registry import Entry
+
+    entry = host().registry.get("option", name)
+    check = entry.meta.get("check")
+    if isinstance(check, str):  # a "module:attribute" string, imported on first use and kept
+        check = entry.meta["check"] = Entry("option", name, check, entry.plugin).load()
+    if check is not None:
+        check(value)
+
+
 def undo_all(undos: list[Callable[[], Any]]) -> None:
     for undo in undos:
         undo()

@@ -78,17 +78,15 @@ def option_specs() -> list[dict[str, Any]]:
             for e in {id(e): e for e in call_options().values()}.values()]  # fmt: skip
 
 
-def _check_option(entry: Any, name: str, value: Any) -> None:
+def _check_option(name: str, value: Any) -> None:
     """An option's own ``check`` (from its registration), its error naming the field."""
     from qi_core.errors import InvalidInputError
-    from qi_core.registry import Entry
+    from qi_core.pipeline import check_option
 
-    check = entry.meta.get("check")
-    if check is not None:
-        try:
-            Entry("option", name, check, entry.plugin).load()(value)
-        except InvalidInputError as e:
-            raise invalid(str(e), name) from None
+    try:
+        check_option(name, value)
+    except InvalidInputError as e:
+        raise invalid(str(e), name) from None
 
 
 def settable(spec: dict[str, Any]) -> bool:
@@ -196,12 +194,13 @@ def form_fields(pipe: Any, specs: dict[str, dict[str, Any]], form: list[tuple[st
                 raise invalid(f"unexpected form field {key!r}", name)
             texts.setdefault(name, []).append(value)
     fields: dict[str, Any] = {}
+    per_call = call_options()
     for name, values in texts.items():
         if name not in lists and len(values) > 1:
             raise invalid(f"{name} is given {len(values)} times", name)
         if name in TEXT_FIELDS:
             types = {"string"}
-        elif name not in specs and name in call_options():  # a name, JSON settings, or true/false
+        elif name not in specs and name in per_call:  # a name, JSON settings, or true/false
             fields[name] = _option_text(values[0])
             continue
         elif name in specs:
@@ -289,7 +288,7 @@ def parse_request(pipe: Any, specs: dict[str, dict[str, Any]], fields: dict[str,
     for name, value in fields.items():
         spec = specs.get(name)
         if spec is None and name in per_call:
-            _check_option(per_call[name], name, value)
+            _check_option(name, value)
             options[name] = value
             continue
         if spec is None:

@@ -5,13 +5,13 @@ returning the float image (the raw decoder output, frames stacked ``(F, H, W, C)
 from __future__ import annotations
 
 import json
-import os
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from conftest import GOLDEN, GOLDEN_MODEL, golden_call, golden_case
+from parallel_cases import record_parts, start_rank
 
 LAYERED = GOLDEN / "models" / "qwen_image_layered"
 
@@ -64,30 +64,21 @@ def rank_main(rank: int, world: int, port: int, jobs: list[tuple[int, int, list[
     with ``parallel={"cfg": cfg, "ulysses": ulysses}``, and save its float image, how many sequence
     parts its forwards split and the mesh (``{cfg}x{ulysses}.{case}.{rank}.safetensors``), or the error
     (``error.{rank}.txt``)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from qi_plugins.parallel.ulysses import UlyssesSplit
 
-    parts = [0]
-    split = UlyssesSplit.part
-
-    def part(self, *args, **kwargs):
-        parts[0] += 1
-        return split(self, *args, **kwargs)
-
-    UlyssesSplit.part = part
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    parts = record_parts(UlyssesSplit)  # every part this rank's forwards split
+    start_rank(rank, world, port)
     try:
         for cfg, ulysses, cases in jobs:
             for name in cases:
                 pipe = compose(name, parallel={"cfg": cfg, "ulysses": ulysses})
                 runner = pipe.step_runner
-                parts[0] = 0
+                parts.clear()
                 image = run_case(pipe, name)
                 mesh = (runner.mesh.world, runner.mesh.cfg, runner.mesh.ulysses)
-                save_result(Path(out) / f"{cfg}x{ulysses}.{name}.{rank}.safetensors", image, parts[0], mesh)
+                save_result(Path(out) / f"{cfg}x{ulysses}.{name}.{rank}.safetensors", image, len(parts), mesh)
     except BaseException:
         (Path(out) / f"error.{rank}.txt").write_text(f"rank {rank}:\n{traceback.format_exc()}")
         raise

@@ -90,6 +90,31 @@ def run_ranks(main, world: int, jobs: list, folder: Path, start_method: str = "s
     print(f"\n{world} ranks: {time.perf_counter() - began:.1f} s")
 
 
+def start_rank(rank: int, world: int, port: int) -> None:
+    """This process as gloo rank ``rank`` of ``world`` (one CPU thread)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def record_parts(split_class: type, expect: type | None = None) -> list[tuple]:
+    """Every part ``split_class.part`` cuts from now on in this process, as ``(text sizes, image sizes, masked)``
+    (the list is appended to; clear it between runs); ``expect``: the class each part must be."""
+    split = split_class.part
+    parts: list[tuple] = []
+
+    def part(self, inp, n_txt, n_img, mask):
+        got = split(self, inp, n_txt, n_img, mask)
+        assert expect is None or isinstance(got, expect), type(got)
+        parts.append((tuple(got.txt_sizes), tuple(got.img_sizes), got.mask is not None))
+        return got
+
+    split_class.part = part
+    return parts
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,24 +127,16 @@ def rank_main(
     """One rank: start gloo; for each job ``(cfg, ulysses, cases, steps)`` run every case's tiny pipeline (composed
     once per rank) with ``Parallel(cfg, ulysses)`` and save its latents and the sequence parts its forwards
     split (``{cfg}x{ulysses}.{case}.{rank}.pt``), or the error (``error.{rank}.txt``)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     import qi_core as qi
     from qi_plugins.parallel.runner import Parallel
     from qi_plugins.parallel.ulysses import UlyssesSplit
 
-    parts: list[tuple] = []  # (text sizes, image sizes, masked) of every part this rank's forwards split
-    split = UlyssesSplit.part
-
-    def part(self, inp, n_txt, n_img, mask):
-        got = split(self, inp, n_txt, n_img, mask)
-        parts.append((tuple(got.txt_sizes), tuple(got.img_sizes), got.mask is not None))
-        return got
-
-    UlyssesSplit.part = part
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    parts = record_parts(
+        UlyssesSplit
+    )  # (text sizes, image sizes, masked) of every part this rank's forwards split
+    start_rank(rank, world, port)
     pipes: dict[str, object] = {}
     try:
         for cfg, ulysses, cases, steps in jobs:

@@ -14,7 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from parallel_cases import CASES, STEPS, load_result, run_case, run_ranks, save_result
+from parallel_cases import (
+    CASES,
+    STEPS,
+    load_result,
+    record_parts,
+    run_case,
+    run_ranks,
+    save_result,
+    start_rank,
+)
 from test_parallel import env, pipes, single  # noqa: F401 - the fixtures of the tiny cases, shared
 from tolerance import F64_RTOL, TINY_DIT_TERMS, check_float32, check_float32_gap, pipeline_terms
 
@@ -120,23 +129,12 @@ def rank_main(rank: int, world: int, port: int, jobs: list, out: str) -> None:
     """One gloo rank. Jobs: ``(cfg, ring, cases)`` runs each tiny case with ``Parallel(cfg=, ring=)`` and saves
     its latents and the parts its forwards split (``{cfg}x{ring}.{case}.{rank}.safetensors``); ``(ODD, ring)``
     runs the 3-head DiT's two inputs in float32 and float64 (``odd.{dtype}.{rank}.safetensors``)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from qi_plugins.parallel.ring import RingSplit
 
-    parts: list[tuple] = []  # (text sizes, image sizes, masked) of every part this rank's forwards split
-    split = RingSplit.part
-
-    def part(self, inp, n_txt, n_img, mask):
-        got = split(self, inp, n_txt, n_img, mask)
-        assert isinstance(got, RingPart)
-        parts.append((tuple(got.txt_sizes), tuple(got.img_sizes), got.mask is not None))
-        return got
-
-    RingSplit.part = part
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    parts = record_parts(RingSplit, expect=RingPart)  # every part this rank's forwards split
+    start_rank(rank, world, port)
     pipes: dict[str, object] = {}
     try:
         for job in jobs:
