@@ -1,10 +1,11 @@
 """qi vs diffusers on the same random medium-size model, in one process, alternating runs.
 
-    python benchmarks/bench_pipeline.py [--blocks 8 --width 768 --size 512 --steps 4 --repeats 3]
+    python benchmarks/bench_pipeline.py [--blocks 8 --width 768 --size 512 --steps 4 --repeats 3] [--compile]
 
 Prints the median of each measurement and the ratio qi / diffusers (lower is better) for the denoising loop,
 the VAE decode and the whole pipeline (text encoding + loop + decode). Float32 on CPU unless --device cuda. On
-CPU also the roofline: each loop's time against its FLOPs at the float32 GEMM peak measured beside it.
+CPU also the roofline: each loop's time against its FLOPs at the float32 GEMM peak measured beside it. With
+``--compile``, qi's loop once more with its blocks compiled (``compile=True``, opt-in), against the same roofline.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--compile", action="store_true", help="also time qi's loop with compiled blocks")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,8 +116,22 @@ def main() -> None:
         print(f"{name:<16} {ma:>9.3f} {mb:>14.3f} {ma / mb:>7.2f}")
         if name == "denoising loop":
             loops = (ta, tb, peaks)
-    if args.device == "cpu":
-        roofline(ref_loop, *loops)
+    if args.device != "cpu":
+        return
+    flops = roofline(ref_loop, *loops)
+    if args.compile:
+        from qi_plugins.cache import compile_blocks
+
+        compile_blocks(ours)
+        first = timed(qi_loop)  # the compile
+        times, peaks = [], []
+        for _ in range(args.repeats):
+            peaks.append(gemm_peak())
+            times.append(timed(qi_loop))
+        ratio = statistics.median(t * p / flops for t, p in zip(times, peaks, strict=True))
+        print(f"compiled blocks: first loop {first:.1f} s (the compile), then {statistics.median(times):.3f} s "
+              f"= {statistics.median(loops[0]) / statistics.median(times):.2f}x eager -> {ratio:.2f} x the time at "
+              f"peak ({flops / statistics.median(times) / 1e9:.0f} GFLOP/s)")  # fmt: skip
 
 
 def gemm_peak(tries: int = 3) -> float:
@@ -134,9 +150,10 @@ def gemm_peak(tries: int = 3) -> float:
     return best
 
 
-def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float]) -> None:
+def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float]) -> float:
     """How close both loops are to the machine: the loop's FLOPs (counted on the reference) at the GEMM peak
-    measured just before each pair of runs (a shared machine's speed drifts), the median over the pairs."""
+    measured just before each pair of runs (a shared machine's speed drifts), the median over the pairs.
+    Returns the FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def attention_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:  # QKᵀ and PV; CPU flash is unlisted
@@ -154,6 +171,7 @@ def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float
           f"GFLOP/s over the runs -> qi's loop {ratio:.2f} x the time at peak, diffusers' {ref_ratio:.2f} x "
           f"(qi {flops / statistics.median(ours) / 1e9:.0f} GFLOP/s, diffusers "
           f"{flops / statistics.median(theirs) / 1e9:.0f})")  # fmt: skip
+    return flops
 
 
 if __name__ == "__main__":

@@ -141,10 +141,15 @@ class Attention(nn.Module):
 
 
 def rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of ``x`` (B, S, H, D) by the unit complex numbers ``rot`` = cos + i·sin (S, D/2):
-    (xr·cos − xi·sin, xr·sin + xi·cos) in float32, as one complex multiply."""
+    """Rotate adjacent pairs (xr, xi) of ``x`` (B, S, H, D) by the angles whose (cos, sin) are ``rot`` (S, D/2, 2):
+    (xr·cos − xi·sin, xr·sin + xi·cos) in float32. Eager, as one complex multiply; while ``torch.compile``
+    traces, in real arithmetic (inductor generates no code for complex operators and would not fuse it)."""
+    if torch.compiler.is_compiling():
+        cos, sin = rot[:, None].unbind(-1)
+        xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot[:, None]).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * torch.view_as_complex(rot)[:, None]).flatten(-2).type_as(x)
 
 
 class FeedForward(nn.Module):
@@ -312,7 +317,7 @@ class QwenImageDiT(nn.Module):
     def rope_tables(
         self, inp: DenoiseInput, grids: list[tuple[int, int, int]], segs: list[ImageSegment | None]
     ):
-        """cos/sin tables for the image tokens and every text segment."""
+        """(cos, sin) tables, (S, D/2, 2) in float32, for the image tokens and every text segment."""
         (F0, H2, W2) = grids[0]
         parts, frame_next = [], F0
         for f in range(F0):
@@ -332,7 +337,7 @@ class QwenImageDiT(nn.Module):
             self.text_angles(m if s.rope_offset is None else s.rope_offset, s.emb.shape[1]) for s in inp.text
         ]
         dev = inp.latents.device
-        rot = lambda a: torch.complex(torch.cos(a), torch.sin(a)).to(dev)  # noqa: E731
+        rot = lambda a: torch.stack([torch.cos(a), torch.sin(a)], dim=-1).to(dev)  # noqa: E731
         return rot(img), rot(torch.cat(txt, dim=0))
 
     # -- forward ---------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_one_compile_for_every_size_prompt_length_and_fused_lora_change(pipe):
     lora.remove(pipe)
 
     counters.clear()
-    compile_blocks(pipe, backend="aot_eager")  # AOTAutograd's aten graph, RoPE's complex multiply included
+    compile_blocks(pipe, backend="aot_eager")  # AOTAutograd's aten graph (RoPE in real arithmetic)
     assert compiled(pipe)["dynamic"] is True
     for hw in SIZES:
         check(pipe(**CALL, height=hw[0], width=hw[1]), refs[hw], f"size {hw}")

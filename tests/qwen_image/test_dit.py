@@ -109,3 +109,26 @@ def test_full_size_dit_on_meta_has_official_keys_and_20_43b_params():
     assert n == sum(p.numel() for p in ref.parameters())
     assert set(ours.state_dict()) == set(ref.state_dict())
     assert len(ours.state_dict()) == 1933
+
+
+def test_rope_eager_and_compiled_forms_rotate_pairs_alike():
+    """RoPE runs as a complex multiply in eager code and in real arithmetic under ``torch.compile`` (inductor
+    has no complex codegen): both round each of the two products and their sum once, as float64 bounds."""
+    from qi_plugins.qwen_image.dit import rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 3, 16, generator=g)
+    angles = torch.rand(37, 8, generator=g, dtype=torch.float64) * 100
+    rot = torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    eager = rope(x, rot)
+    compiled = torch.compile(rope, backend="aot_eager", dynamic=True)(x, rot)
+    xr, xi = x.double().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rot.double()[:, None].unbind(-1)
+    exact = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1).flatten(-2)
+    scale = torch.stack(
+        [(xr * cos).abs() + (xi * sin).abs(), (xr * sin).abs() + (xi * cos).abs()], -1
+    ).flatten(-2)
+    bound = 2 * torch.finfo(torch.float32).eps * scale + torch.finfo(torch.float32).tiny
+    for got in (eager, compiled):
+        assert got.dtype == torch.float32 and ((got.double() - exact).abs() <= bound).all()
+    assert torch.equal(eager, compiled)  # the same roundings in the same order
