@@ -128,10 +128,10 @@ def main() -> None:
         for _ in range(args.repeats):
             peaks.append(gemm_peak())
             times.append(timed(qi_loop))
-        ratio = statistics.median(t * p / flops for t, p in zip(times, peaks, strict=True))
-        print(f"compiled blocks: first loop {first:.1f} s (the compile), then {statistics.median(times):.3f} s "
-              f"= {statistics.median(loops[0]) / statistics.median(times):.2f}x eager -> {ratio:.2f} x the time at "
-              f"peak ({flops / statistics.median(times) / 1e9:.0f} GFLOP/s)")  # fmt: skip
+        median = statistics.median(times)
+        print(f"compiled blocks: first loop {first:.1f} s (the compile), then {median:.3f} s "
+              f"= {statistics.median(loops[0]) / median:.2f}x eager -> {at_peak(times, peaks, flops):.2f} x the "
+              f"time at peak ({flops / median / 1e9:.0f} GFLOP/s)")  # fmt: skip
 
 
 def gemm_peak(tries: int = 3) -> float:
@@ -150,6 +150,11 @@ def gemm_peak(tries: int = 3) -> float:
     return best
 
 
+def at_peak(times: list[float], peaks: list[float], flops: float) -> float:
+    """The median over runs of each run's time against ``flops`` at the GEMM peak measured just before it."""
+    return statistics.median(t * p / flops for t, p in zip(times, peaks, strict=True))
+
+
 def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float]) -> float:
     """How close both loops are to the machine: the loop's FLOPs (counted on the reference) at the GEMM peak
     measured just before each pair of runs (a shared machine's speed drifts), the median over the pairs.
@@ -165,8 +170,7 @@ def roofline(ref_loop, ours: list[float], theirs: list[float], peaks: list[float
     with counter:
         ref_loop()
     flops = counter.get_total_flops()
-    ratio = statistics.median(t * p / flops for t, p in zip(ours, peaks, strict=True))
-    ref_ratio = statistics.median(t * p / flops for t, p in zip(theirs, peaks, strict=True))
+    ratio, ref_ratio = at_peak(ours, peaks, flops), at_peak(theirs, peaks, flops)
     print(f"loop work {flops / 1e9:.0f} GFLOP; float32 GEMM peak here {min(peaks) / 1e9:.0f}–{max(peaks) / 1e9:.0f} "
           f"GFLOP/s over the runs -> qi's loop {ratio:.2f} x the time at peak, diffusers' {ref_ratio:.2f} x "
           f"(qi {flops / statistics.median(ours) / 1e9:.0f} GFLOP/s, diffusers "

@@ -158,16 +158,13 @@ def apply_options(pipe: Any, options: dict[str, Any], *, call: bool = False) -> 
 
 
 def check_option(name: str, value: Any) -> None:
-    """Refuse a bad value of the registered option ``name`` with its ``check`` (imported once), before any use."""
+    """Refuse a bad value of the registered option ``name`` (or alias) with its ``check``, before any use."""
     from qi_core.plugin_host import host
     from qi_core.registry import Entry
 
     entry = host().registry.get("option", name)
-    check = entry.meta.get("check")
-    if isinstance(check, str):  # a "module:attribute" string, imported on first use and kept
-        check = entry.meta["check"] = Entry("option", name, check, entry.plugin).load()
-    if check is not None:
-        check(value)
+    if entry.meta.get("check") is not None:  # a callable or "module:attribute"
+        Entry("option", name, entry.meta["check"], entry.plugin).load()(value)
 
 
 def undo_all(undos: list[Callable[[], Any]]) -> None:

@@ -133,9 +133,7 @@ def rank_main(
     from qi_plugins.parallel.runner import Parallel
     from qi_plugins.parallel.ulysses import UlyssesSplit
 
-    parts = record_parts(
-        UlyssesSplit
-    )  # (text sizes, image sizes, masked) of every part this rank's forwards split
+    parts = record_parts(UlyssesSplit)  # every part this rank's forwards split
     start_rank(rank, world, port)
     pipes: dict[str, object] = {}
     try:
